@@ -1,0 +1,86 @@
+"""Shared fixtures: small MNIST-format data sets cut from the shipped MNIST, and CLI runners."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mnist_cnn.data import FILE_STEMS, IMAGE_MAGIC, LABEL_MAGIC, load_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+FASHION_DIRS = [Path("/usr/share/datasets/fashion-mnist"), REPO.parent / "shared/data/fashion-mnist"]
+
+
+def idx_bytes(array: np.ndarray, magic: int) -> bytes:
+    """Encode a uint8 array as an IDX file with the given magic number."""
+    header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+def write_idx(path: Path, array: np.ndarray, magic: int, *, compress: bool = False) -> Path:
+    data = idx_bytes(array, magic)
+    if compress:
+        path = path.with_name(path.name + ".gz")
+        data = gzip.compress(data, mtime=0)
+    path.write_bytes(data)
+    return path
+
+
+def write_dataset(folder: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], *,
+                  compress: bool = False) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, (images, labels) in splits.items():
+        image_stem, label_stem = FILE_STEMS[split]
+        write_idx(folder / image_stem, images, IMAGE_MAGIC, compress=compress)
+        write_idx(folder / label_stem, labels, LABEL_MAGIC, compress=compress)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    """The shipped MNIST as numpy arrays: {'train': (images, labels), 'test': (...)}."""
+    data = load_dataset("mnist")
+    return {split: (s.images[:, 0].numpy(), s.labels.numpy().astype(np.uint8))
+            for split, s in data.items()}
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory, mnist) -> Path:
+    """A 'custom' MNIST-format data set: 3,000 train and 1,000 test images of real MNIST."""
+    folder = tmp_path_factory.mktemp("small")
+    return write_dataset(folder, {
+        "train": (mnist["train"][0][:3000], mnist["train"][1][:3000]),
+        "test": (mnist["test"][0][:1000], mnist["test"][1][:1000]),
+    }, compress=True)
+
+
+@pytest.fixture(scope="session")
+def fashion_dir() -> Path:
+    for folder in FASHION_DIRS:
+        if (folder / "train-images-idx3-ubyte.gz").is_file() or (folder / "train-images-idx3-ubyte").is_file():
+            return folder
+    pytest.skip("Fashion-MNIST not found (apt-get install dataset-fashion-mnist)")
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m mnist_cnn ARGS` in a fresh process, as a user would."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "mnist_cnn", *args], capture_output=True,
+                          text=True, env=full_env, cwd=cwd, timeout=timeout)
+
+
+def assert_one_line_error(result, *fragments: str, code: int = 2) -> None:
+    """A user error: the given exit status, one line on stderr naming the problem, no traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == code, (result.returncode, result.stderr)
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])

@@ -1,0 +1,195 @@
+"""Training: run folder contents, determinism, resume after SIGKILL and Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import assert_one_line_error, run_cli
+from mnist_cnn.config import PRESETS, TrainConfig, resolve_train_config
+from mnist_cnn.train import learning_rate, random_shift, train
+
+SMALL = ["--dataset", "custom", "--no-progress"]
+
+
+def small_config(**overrides) -> TrainConfig:
+    return TrainConfig(dataset="custom", epochs=2, **overrides)
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "model.safetensors"))
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_learning_rate_schedules():
+    constant = TrainConfig(lr=1e-3)
+    assert learning_rate(0, 100, constant) == learning_rate(99, 100, constant) == 1e-3
+    cycle = TrainConfig(lr=1e-2, schedule="onecycle", warmup=0.2)
+    rates = [learning_rate(step, 100, cycle) for step in range(100)]
+    assert rates[19] == pytest.approx(1e-2) and max(rates) == pytest.approx(1e-2)
+    assert rates[0] == pytest.approx(1e-2 / 20)
+    assert all(a <= b for a, b in zip(rates[:20], rates[1:20]))
+    assert all(a >= b for a, b in zip(rates[20:], rates[21:]))
+    assert rates[-1] == pytest.approx(1e-2 / 80)
+
+
+def test_random_shift_translates_each_image_within_bounds():
+    torch.manual_seed(0)
+    x = torch.zeros(64, 1, 28, 28)
+    x[:, 0, 14, 14] = 1.0
+    shifted = random_shift(x, 2)
+    assert shifted.shape == x.shape
+    assert torch.equal(shifted.sum(dim=(1, 2, 3)), torch.ones(64))  # nothing lost at this distance
+    where = shifted[:, 0].nonzero()[:, 1:]
+    assert ((where - 14).abs() <= 2).all()
+    assert len({tuple(p) for p in where.tolist()}) > 10  # images get different shifts
+
+
+def test_presets_and_explicit_flags():
+    fast = resolve_train_config("fast", {"epochs": 3})
+    assert fast.preset == "fast" and fast.epochs == 3 and fast.lr == PRESETS["fast"]["lr"]
+    assert resolve_train_config(None, {}) == TrainConfig()
+    seed = TrainConfig()
+    assert (seed.model, seed.lr, seed.batch_size, seed.epochs, seed.loss) == ("seed", 1e-4, 128, 20, "kl")
+
+
+def test_train_writes_the_run_folder(tmp_path, small_data):
+    lines = []
+    result = train(small_config(), run_dir=tmp_path / "run", data_dir=str(small_data),
+                   progress=False, log=lines.append)
+    run = result.run_dir
+    assert result.completed
+    assert {p.name for p in run.iterdir()} >= {"config.json", "metrics.jsonl", "checkpoint.pt",
+                                               "model.safetensors", "model.json"}
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for record in records:
+        assert {"epoch", "train_loss", "test_loss", "test_accuracy", "seconds"} <= record.keys()
+        assert record["test_accuracy"] == record["test_correct"] / record["test_total"]
+        assert record["test_total"] == 1000 and 0 <= record["test_accuracy"] <= 1
+    assert records[1]["train_loss"] < records[0]["train_loss"]
+    assert lines[-1].startswith("epoch 2/2  train_loss")
+    config = json.loads((run / "config.json").read_text())
+    assert config["config"]["dataset"] == "custom" and config["environment"]["torch"] == torch.__version__
+    info = json.loads((run / "model.json").read_text())
+    assert info["metrics"] == records[-1] and info["config"]["epochs"] == 2
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["step"] == 0 and state["format_version"] == 1
+    assert {"model", "optimizer", "rng", "config", "metrics"} <= state.keys()
+
+
+def test_same_seed_gives_identical_weights_other_seed_does_not(tmp_path, small_data):
+    runs = [train(small_config(seed=seed, shift=1), run_dir=tmp_path / f"r{i}",
+                  data_dir=str(small_data), progress=False, log=lambda m: None).run_dir
+            for i, seed in enumerate((7, 7, 8))]
+    assert_same_weights(weights(runs[0]), weights(runs[1]))
+    assert not torch.equal(weights(runs[0])["conv1.weight"], weights(runs[2])["conv1.weight"])
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "mnist_cnn", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
+
+
+def test_resume_after_sigkill_at_random_moments_matches_an_uninterrupted_run(tmp_path, small_data):
+    recipe = ["--epochs", "5", "--batch-size", "64", "--shift", "1", "--data-dir", str(small_data), *SMALL]
+    reference = run_cli("train", *recipe, "--run-dir", str(tmp_path / "reference"))
+    assert reference.returncode == 0, reference.stderr
+    run = tmp_path / "killed"
+    process = _start(["train", *recipe, "--run-dir", str(run)])
+    rng = random.Random(1)
+    kills = 0
+    for _ in range(4):
+        _wait_for(run / "config.json", process)
+        time.sleep(rng.uniform(0.0, 0.8))
+        if process.poll() is not None:
+            break
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        kills += 1
+        process = _start(["train", "--resume", str(run), "--no-progress"])
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    assert kills >= 2
+    assert_same_weights(weights(tmp_path / "reference"), weights(run))
+    epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3, 4, 5]
+    assert not list(run.glob(".checkpoint.pt.*"))
+
+
+def test_resume_before_the_first_checkpoint_starts_over(tmp_path, small_data):
+    run = tmp_path / "run"
+    first = run_cli("train", "--epochs", "1", "--data-dir", str(small_data), *SMALL, "--run-dir", str(run))
+    assert first.returncode == 0
+    reference = weights(run)
+    for name in ("checkpoint.pt", "model.safetensors", "model.json"):
+        (run / name).unlink()
+    again = run_cli("train", "--resume", str(run), "--data-dir", str(small_data), "--no-progress")
+    assert again.returncode == 0, again.stderr
+    assert "starting the run over" in again.stdout
+    assert_same_weights(reference, weights(run))
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_ctrl_c_saves_mid_epoch_and_resume_matches(tmp_path, small_data):
+    recipe = ["--epochs", "3", "--batch-size", "16", "--data-dir", str(small_data), *SMALL]
+    reference = run_cli("train", *recipe, "--run-dir", str(tmp_path / "reference"))
+    assert reference.returncode == 0, reference.stderr
+    run = tmp_path / "interrupted"
+    process = _start(["train", *recipe, "--run-dir", str(run)])
+    _wait_for(run / "checkpoint.pt", process)  # the first epoch is done; now inside the second
+    time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err
+    assert f"continue with: mnist-cnn train --resume {run}" in out
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert 0 < state["step"] or state["epoch"] > 1
+    resumed = run_cli("train", "--resume", str(run), "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    assert_same_weights(weights(tmp_path / "reference"), weights(run))
+
+
+def test_resume_of_a_finished_run_is_a_no_op(tmp_path, small_data):
+    run = tmp_path / "run"
+    assert run_cli("train", "--epochs", "1", "--data-dir", str(small_data), *SMALL,
+                   "--run-dir", str(run)).returncode == 0
+    before = weights(run)
+    again = run_cli("train", "--resume", str(run), "--no-progress")
+    assert again.returncode == 0, again.stderr
+    assert_same_weights(before, weights(run))
+
+
+def test_an_existing_run_is_never_overwritten(tmp_path, small_data):
+    run = tmp_path / "run"
+    args = ["train", "--epochs", "1", "--data-dir", str(small_data), *SMALL, "--run-dir", str(run)]
+    assert run_cli(*args).returncode == 0
+    before = (run / "metrics.jsonl").read_text()
+    assert_one_line_error(run_cli(*args), "already holds a run", "--resume")
+    assert (run / "metrics.jsonl").read_text() == before
