@@ -1,0 +1,210 @@
+"""mnist-cnn benchmarks: one command, tables printed and written as Markdown.
+
+    .venv/bin/python benchmarks/run.py [--repeats 3] [--sections epoch,accuracy,flops]
+
+Every figure is measured in this run, on this machine; the Markdown file records the machine
+(CPU, cores, threads, torch) and the date. Timing targets live here, not in the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import seed_pipeline  # noqa: E402
+
+from mnist_cnn.config import TrainConfig, resolve_train_config  # noqa: E402
+from mnist_cnn.data import load_dataset  # noqa: E402
+from mnist_cnn.model import build_model  # noqa: E402
+from mnist_cnn.runtime import cpu_model, resolve_device  # noqa: E402
+from mnist_cnn.train import train  # noqa: E402
+
+SECTIONS = ("epoch", "accuracy", "flops")
+
+
+def quiet(message: str) -> None:
+    pass
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine(device: torch.device) -> str:
+    gpu = f", GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    return (f"{cpu_model()}, {torch.get_num_threads()} torch threads of {platform.machine()} "
+            f"({__import__('os').cpu_count()} logical CPUs){gpu}; Python {platform.python_version()}, "
+            f"torch {torch.__version__}; device {device}")
+
+
+def our_epoch(config: TrainConfig, device: str, workdir: Path) -> dict:
+    """One epoch of our pipeline (training pass + test pass), as `metrics.jsonl` times it."""
+    run = tempfile.mkdtemp(dir=workdir)
+    result = train(config, run_dir=Path(run) / "run", device=device, progress=False, log=quiet)
+    return result.metrics[0]
+
+
+def section_epoch(args, device: torch.device, workdir: Path) -> tuple[str, dict]:
+    data = load_dataset("mnist", device="cpu")
+    arrays = {split: (s.images[:, 0].numpy(), s.labels.numpy()) for split, s in data.items()}
+    seed_times, our_times, our_train = [], [], []
+    seed_accuracy = our_accuracy = 0.0
+    for repeat in range(args.repeats):
+        if device.type == "cpu":  # the tutorial's pipeline on the CPU; on a GPU we time only ours
+            torch.manual_seed(repeat)
+            model = seed_pipeline.CNN_MNIST()
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+            loaders = seed_pipeline.make_loaders(arrays["train"], arrays["test"])
+            figures = seed_pipeline.run_epoch(model, optimizer, *loaders)
+            seed_times.append(figures["seconds"])
+            seed_accuracy = seed_pipeline.accuracy(model, loaders[1])
+        record = our_epoch(TrainConfig(epochs=1, seed=repeat), str(device), workdir)
+        our_times.append(record["seconds"])
+        our_train.append(record["train_seconds"])
+        our_accuracy = record["test_accuracy"]
+        print(f"  repeat {repeat + 1}: seed pipeline {seed_times[-1] if seed_times else float('nan'):.2f}s, "
+              f"ours {our_times[-1]:.2f}s", flush=True)
+    rows = []
+    if seed_times:
+        rows.append(["tutorial's pipeline (re-created)", f"{min(seed_times):.2f}",
+                     f"{statistics.median(seed_times):.2f}", f"{100 * seed_accuracy:.2f} %", "1.0×"])
+    ratio = min(seed_times) / min(our_times) if seed_times else float("nan")
+    rows.append(["mnist-cnn (`mnist-cnn train --epochs 1`)", f"{min(our_times):.2f}",
+                 f"{statistics.median(our_times):.2f}", f"{100 * our_accuracy:.2f} %",
+                 f"**{ratio:.1f}×**" if seed_times else "–"])
+    text = ("### Epoch time, seed recipe (seed model, batch 128, Adam 1e-4, KL loss; training pass "
+            f"+ test pass; {args.repeats} repeats, interleaved)\n\n"
+            + table(["pipeline", "min s", "median s", "test acc after 1 epoch", "speed-up (min)"], rows)
+            + "\n\nTarget: ours ≥ 4× faster.")
+    return text, {"seed": seed_times, "ours": our_times, "ours_train": our_train, "ratio": ratio}
+
+
+def section_accuracy(args, device: torch.device, workdir: Path) -> tuple[str, dict]:
+    targets = (0.982, 0.990)
+    found: dict[float, list[float]] = {target: [] for target in targets}
+    finals = []
+    for seed in range(args.seeds):
+        config = resolve_train_config("fast", {"seed": seed})
+        run = Path(tempfile.mkdtemp(dir=workdir)) / "run"
+        metrics = train(config, run_dir=run, device=str(device), progress=False, log=quiet).metrics
+        elapsed = 0.0
+        reached: dict[float, float] = {}
+        for record in metrics:
+            elapsed += record["seconds"]
+            for target in targets:
+                if target not in reached and record["test_accuracy"] >= target:
+                    reached[target] = elapsed
+        for target in targets:
+            found[target].append(reached.get(target, float("inf")))
+        finals.append(metrics[-1]["test_accuracy"])
+        print(f"  seed {seed}: " + ", ".join(f"{100 * t:.1f}% at {reached.get(t, float('inf')):.1f}s"
+                                             for t in targets) + f", final {100 * finals[-1]:.2f}%", flush=True)
+    rows = []
+    for target, limit in zip(targets, (5.0, 30.0)):
+        times = found[target]
+        rows.append([f"{100 * target:.1f} %", f"{statistics.mean(times):.1f}", f"{min(times):.1f}",
+                     f"{max(times):.1f}", f"≤ {limit:.0f} s", "met" if max(times) <= limit else "**missed**"])
+    text = (f"### Time to accuracy, seed architecture (`--preset fast`, seeds 0–{args.seeds - 1}; wall time "
+            "of training + per-epoch test passes until the test accuracy first reaches the target)\n\n"
+            + table(["target", "mean s", "min s", "max s", "target", "status"], rows)
+            + f"\n\nFinal accuracy after {config.epochs} epochs: "
+            + ", ".join(f"{100 * a:.2f} %" for a in finals) + ".")
+    return text, {"reached": {str(k): v for k, v in found.items()}, "finals": finals}
+
+
+def training_flops_per_sample(device: torch.device) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mnist_cnn.losses import kl_loss
+
+    model = build_model("seed").to(device)
+    x = torch.rand(128, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (128,), device=device)
+    with FlopCounterMode(display=False) as counter:
+        kl_loss(model(x), y).backward()
+    return counter.get_total_flops() / 128
+
+
+def matmul_gflops(device: torch.device, size: int = 2048, seconds: float = 2.0) -> float:
+    a = torch.rand(size, size, device=device)
+    b = torch.rand(size, size, device=device)
+    torch.mm(a, b)
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        torch.mm(a, b)
+        count += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size ** 3 * count / (time.perf_counter() - started) / 1e9
+
+
+def section_flops(args, device: torch.device, workdir: Path, epoch_figures: dict | None) -> tuple[str, dict]:
+    per_sample = training_flops_per_sample(device)
+    peak = matmul_gflops(device)
+    if epoch_figures is None:
+        epoch_figures = {"ours_train": [our_epoch(TrainConfig(epochs=1), str(device), workdir)["train_seconds"]]}
+    train_seconds = min(epoch_figures["ours_train"])
+    achieved = per_sample * 60000 / train_seconds / 1e9
+    rows = [[f"{per_sample / 1e6:.2f}", f"{per_sample * 60000 / 1e9:.1f}", f"{train_seconds:.2f}",
+             f"{achieved:.1f}", f"{peak:.0f}", f"{100 * achieved / peak:.0f} %",
+             f"{per_sample * 60000 / 1e9 / peak:.2f}"]]
+    text = ("### Achieved training GFLOP/s (seed recipe, batch 128; FLOPs counted by "
+            "torch.utils.flop_counter on forward + backward)\n\n"
+            + table(["MFLOP / sample", "GFLOP / epoch", "train pass s (min)", "achieved GFLOP/s",
+                     "fp32 matmul GFLOP/s (2048²)", "of matmul rate", "floor s / epoch"], rows))
+    return text, {"flops_per_sample": per_sample, "achieved_gflops": achieved, "matmul_gflops": peak}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
+    parser.add_argument("--repeats", type=int, default=3, help="epoch-time repeats (default: 3)")
+    parser.add_argument("--seeds", type=int, default=3, help="time-to-accuracy seeds (default: 3)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    parser.add_argument("--output", help="Markdown file (default: benchmarks/results/<date>-<device>.md)")
+    args = parser.parse_args(argv)
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
+    device = resolve_device(args.device)
+    today = datetime.date.today().isoformat()
+    header = f"## Benchmarks, {today}\n\nMachine: {machine(device)}."
+    print(header, flush=True)
+    parts, figures = [header], {}
+    with tempfile.TemporaryDirectory() as workdir:
+        for name in sections:
+            print(f"\n[{name}]", flush=True)
+            if name == "epoch":
+                text, figures[name] = section_epoch(args, device, Path(workdir))
+            elif name == "accuracy":
+                text, figures[name] = section_accuracy(args, device, Path(workdir))
+            else:
+                text, figures[name] = section_flops(args, device, Path(workdir), figures.get("epoch"))
+            print("\n" + text, flush=True)
+            parts.append(text)
+    output = Path(args.output) if args.output else (
+        Path(__file__).parent / "results" / f"{today}-{device.type}.md")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text("\n\n".join(parts) + "\n")
+    output.with_suffix(".json").write_text(json.dumps(figures, indent=2, default=float) + "\n")
+    print(f"\nwritten: {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
