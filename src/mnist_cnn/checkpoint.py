@@ -95,6 +95,16 @@ def resolve_model_path(path: str | Path) -> Path:
     return path
 
 
+def saved_data_dir(path: str | Path) -> str | None:
+    """The data folder a run was trained from (its config.json), for commands given only
+    the run folder or a model file inside it."""
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    try:
+        return json.loads((folder / "config.json").read_text()).get("data_dir")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> tuple[nn.Module, TrainConfig]:
     """Rebuild a trained model (in eval mode) from a run folder, a model.safetensors or a
     checkpoint.pt, with the config it was trained with."""

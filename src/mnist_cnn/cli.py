@@ -82,6 +82,8 @@ def add_train_parser(subparsers) -> None:
     where.add_argument("--run-dir", help="run folder to create (default: runs/<timestamp>)")
     where.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-report", action="store_true",
+                   help="skip the plots, galleries and report.html written at the end")
     p.set_defaults(handler=cmd_train)
 
 
@@ -100,12 +102,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             flags = ", ".join("--" + name.replace("_", "-") for name in [*given, *(["run_dir"] if args.run_dir else [])])
             raise MnistCnnError(f"--resume continues the saved recipe; drop {flags}")
         result = train(resume=args.resume, device=args.device, data_dir=args.data_dir,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, artifacts=not args.no_report)
     else:
         preset = given.pop("preset", None)
         config = resolve_train_config(preset, given)
         result = train(config, run_dir=args.run_dir, device=args.device, data_dir=args.data_dir,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, artifacts=not args.no_report)
     if not result.completed:
         return EXIT_INTERRUPTED
     if result.metrics:
@@ -114,6 +116,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"done: test accuracy {100 * last['test_accuracy']:.2f}% "
               f"({last['test_correct']}/{last['test_total']}) after {last['epoch']} epochs, "
               f"{total:.1f}s of training; model in {result.run_dir}/model.safetensors")
+        if not args.no_report:
+            print(f"report: {result.run_dir}/report.html")
     return 0
 
 
@@ -144,6 +148,142 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_predict_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "predict", help="predict the digit in your own images",
+        description="Predict the digit in each image (PNG, JPEG, BMP, GIF, WebP, TIFF; folders are "
+                    "expanded). Images are normalised as MNIST's digits were: inverted if dark on "
+                    "light, cropped, fitted into 20x20, centred by centre of mass in 28x28. "
+                    "Exit status: 0 all predicted, 1 some image failed, 2 usage error.")
+    p.add_argument("--model", required=True, metavar="RUN_DIR_OR_MODEL",
+                   help="a run folder, model.safetensors, checkpoint.pt (or .onnx with --backend onnxruntime)")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--top", type=positive_int, default=1, metavar="K", help="show the K most likely classes (default: 1)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--save-preprocessed", metavar="DIR", help="write the 28x28 image the model saw to DIR")
+    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch", help="(default: torch)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="(default: auto)")
+    p.set_defaults(handler=cmd_predict)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from mnist_cnn.predict import make_predictor, predict_files
+
+    predictor = make_predictor(args.model, backend=args.backend, device=args.device)
+    results = predict_files(predictor, args.images, save_preprocessed=args.save_preprocessed)
+    for result in results:
+        if args.json:
+            print(json.dumps(result.to_json(max(args.top, 3))), flush=True)
+        else:
+            print(result.to_text(args.top), file=sys.stderr if result.error else sys.stdout, flush=True)
+    return 1 if any(result.error for result in results) else 0
+
+
+def _data_flags(p) -> None:
+    p.add_argument("--dataset", help="use another data set's test split (default: the model's)")
+    p.add_argument("--data-dir", help="folder with the IDX files (default: as for train)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="(default: auto)")
+
+
+def add_show_parser(subparsers) -> None:
+    p = subparsers.add_parser("show", help="a grid of test images with true and predicted labels",
+                              description="Draw test images with their true and predicted labels; "
+                                          "mistakes are framed in red.")
+    p.add_argument("--model", required=True, metavar="RUN_DIR_OR_MODEL")
+    p.add_argument("--misclassified", action="store_true", help="only the mistakes, most confident first")
+    p.add_argument("--count", type=positive_int, default=36, metavar="N", help="images to draw (default: 36)")
+    p.add_argument("--output", metavar="FILE.png",
+                   help="(default: samples.png or misclassified.png beside the model)")
+    _data_flags(p)
+    p.set_defaults(handler=cmd_show)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from mnist_cnn.report import show
+
+    path, count = show(args.model, misclassified=args.misclassified, count=args.count,
+                       output=args.output, device=args.device, data_dir=args.data_dir,
+                       dataset=args.dataset)
+    print(f"wrote {path} ({count} images)")
+    return 0
+
+
+def add_plot_parser(subparsers) -> None:
+    p = subparsers.add_parser("plot", help="learning curves, confusion matrix, per-class accuracy (PNG)",
+                              description="(Re)draw a run's plots into its folder.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--data-dir", help="folder with the IDX files (default: the run's)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="(default: auto)")
+    p.set_defaults(handler=cmd_plot)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from mnist_cnn.report import plot_run
+
+    for path in plot_run(args.run_dir, device=args.device, data_dir=args.data_dir):
+        print(f"wrote {path}")
+    return 0
+
+
+def add_report_parser(subparsers) -> None:
+    p = subparsers.add_parser("report", help="one self-contained HTML report of a run",
+                              description="Write RUN_DIR/report.html: config, final metrics, plots "
+                                          "and the misclassified gallery, images embedded.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--output", metavar="FILE.html", help="(default: RUN_DIR/report.html)")
+    p.add_argument("--data-dir", help="folder with the IDX files (default: the run's)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="(default: auto)")
+    p.set_defaults(handler=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mnist_cnn.report import report_run
+
+    print(f"wrote {report_run(args.run_dir, output=args.output, device=args.device, data_dir=args.data_dir)}")
+    return 0
+
+
+def add_summary_parser(subparsers) -> None:
+    p = subparsers.add_parser("summary", help="the layer table: kernels, channels, output shapes, parameters",
+                              description="Print each layer's kernel, channels, stride, padding, output "
+                                          "shape and parameters, measured on the model itself.")
+    p.add_argument("--model", default="seed", metavar="NAME_OR_RUN",
+                   help="a registered model name or a trained model (default: seed)")
+    p.set_defaults(handler=cmd_summary)
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from mnist_cnn.explain import summary
+
+    print(summary(args.model))
+    return 0
+
+
+def add_explain_parser(subparsers) -> None:
+    p = subparsers.add_parser("explain", help="input, feature maps and saliency for one image",
+                              description="Draw what the model sees: the preprocessed input, the "
+                                          "feature maps after each convolution, and a saliency map "
+                                          "for the predicted class.")
+    p.add_argument("--model", required=True, metavar="RUN_DIR_OR_MODEL")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("image", nargs="?", metavar="IMAGE")
+    source.add_argument("--test-index", type=non_negative_int, metavar="N", help="explain test image N instead")
+    p.add_argument("--output", metavar="FILE.png", help="(default: IMAGE-explain.png in the current folder)")
+    p.add_argument("--data-dir", help="folder with the IDX files (for --test-index)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="(default: auto)")
+    p.set_defaults(handler=cmd_explain)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from mnist_cnn.explain import explain
+
+    path, explanation = explain(args.model, image=args.image, test_index=args.test_index,
+                                output=args.output, device=args.device, data_dir=args.data_dir)
+    print(f"predicted {explanation.predicted} "
+          f"({100 * explanation.probabilities[explanation.predicted]:.2f}%); wrote {path}")
+    return 0
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="mnist-cnn", description="Train, evaluate and use the classic MNIST CNN.")
     parser.add_argument("--version", action="version", version=f"mnist-cnn {__version__}")
@@ -151,6 +291,12 @@ def build_parser() -> Parser:
     subparsers.required = True
     add_train_parser(subparsers)
     add_evaluate_parser(subparsers)
+    add_predict_parser(subparsers)
+    add_show_parser(subparsers)
+    add_plot_parser(subparsers)
+    add_report_parser(subparsers)
+    add_summary_parser(subparsers)
+    add_explain_parser(subparsers)
     return parser
 
 

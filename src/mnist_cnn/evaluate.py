@@ -56,6 +56,18 @@ def evaluate(model: nn.Module, split: Split, *, loss: str = "kl", batch_size: in
     return Evaluation(loss_sum=float(loss_sum), confusion=confusion.view(num_classes, num_classes).cpu())
 
 
+def split_probabilities(model: nn.Module, split: Split, *, batch_size: int = 1000):
+    """Softmax probabilities for every image of `split`, as a float32 numpy array."""
+    was_training = model.training
+    model.eval()
+    outputs = []
+    with torch.inference_mode():
+        for x, _ in eval_batches(split, batch_size):
+            outputs.append(torch.softmax(model(x).float(), dim=1).cpu())
+    model.train(was_training)
+    return torch.cat(outputs).numpy()
+
+
 def per_class(confusion: torch.Tensor, classes: tuple[str, ...]) -> list[dict[str, Any]]:
     """Support, accuracy (= recall), precision and recall for each class."""
     rows = []
@@ -112,13 +124,15 @@ def format_report(report: dict[str, Any], *, title: str) -> str:
 def evaluate_model(path: str | Path, *, data_dir: str | None = None, dataset: str | None = None,
                    split: str = "test", device: str = "auto", batch_size: int = 1000) -> dict[str, Any]:
     """Load a trained model and evaluate it on a split of its data set (or `dataset`)."""
-    from mnist_cnn.checkpoint import load_model
+    from mnist_cnn.checkpoint import load_model, saved_data_dir
     from mnist_cnn.data import get_spec, load_dataset
     from mnist_cnn.runtime import resolve_device
 
     target = resolve_device(device)
     model, config = load_model(path, device=target)
     name = dataset or config.dataset
+    if dataset is None or dataset == config.dataset:
+        data_dir = data_dir or saved_data_dir(path)
     data = load_dataset(name, data_dir, splits=(split,), device=target)
     classes = get_spec(name).classes
     evaluation = evaluate(model, data[split], loss=config.loss, batch_size=batch_size,

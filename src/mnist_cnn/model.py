@@ -33,6 +33,7 @@ class SeedCNN(nn.Module):
         self.pool1 = nn.MaxPool2d(2, 2)
         self.conv2 = nn.Conv2d(6, 16, kernel_size=5, stride=1)
         self.pool2 = nn.MaxPool2d(2, 2)
+        self.flatten = nn.Flatten()
         self.lin1 = nn.Linear(16 * 4 * 4, 96)
         self.drop1 = nn.Dropout(dropout)
         self.lin2 = nn.Linear(96, num_classes)
@@ -42,7 +43,7 @@ class SeedCNN(nn.Module):
         # (same outputs, same gradients); pooling first runs the ReLU on 4x fewer values.
         x = F.relu(self.pool1(self.conv1(x)))  # (b, 6, 12, 12)
         x = F.relu(self.pool2(self.conv2(x)))  # (b, 16, 4, 4)
-        x = x.flatten(1)  # (b, 256)
+        x = self.flatten(x)  # (b, 256)
         x = F.relu(self.drop1(self.lin1(x)))  # (b, 96), dropout before ReLU as the tutorial has it
         return self.lin2(x)  # (b, 10) logits
 

@@ -198,8 +198,10 @@ class StopRequest:
 
 def train(config: TrainConfig | None = None, *, run_dir: str | Path | None = None,
           resume: str | Path | None = None, device: str = "auto", data_dir: str | None = None,
-          progress: bool = True, log: Callable[[str], None] = print) -> TrainResult:
-    """Train `config` into a new run folder, or continue the run in `resume`."""
+          progress: bool = True, artifacts: bool = True,
+          log: Callable[[str], None] = print) -> TrainResult:
+    """Train `config` into a new run folder, or continue the run in `resume`. At the end,
+    `artifacts` adds plots, galleries, summary.txt, explain.png and report.html."""
     state = None
     if resume is not None:
         run_dir = Path(resume)
@@ -316,19 +318,31 @@ def train(config: TrainConfig | None = None, *, run_dir: str | Path | None = Non
             checkpoint(epoch + 1, 0, partial_loss, 0.0)
             log(format_epoch(record, config.epochs))
 
-    finish(run_dir, model, config, metrics, target)
+    finish(run_dir, model, config, metrics, data["test"], target, artifacts=artifacts)
     return TrainResult(run_dir=run_dir, metrics=metrics, completed=True)
 
 
 def finish(run_dir: Path, model: nn.Module, config: TrainConfig, metrics: list[dict[str, Any]],
-           device: torch.device) -> None:
-    """Write the serving artifacts: model.safetensors and model.json."""
-    final = metrics[-1] if metrics else {}
+           test: Split, device: torch.device, *, artifacts: bool = True) -> None:
+    """Write the serving artifacts (model.safetensors, model.json with the final evaluation)
+    and, unless disabled, the plots, galleries and report.html."""
+    from mnist_cnn.report import split_results, write_run_artifacts
+
+    results = split_results(model, config, test)
     info = {
-        "metrics": final,
+        "metrics": metrics[-1] if metrics else {},
+        "evaluation": results.report,
         "train_seconds_total": sum(record["seconds"] for record in metrics),
         "parameters": count_parameters(model),
         "environment": environment(device),
         "checkpoint_format_version": FORMAT_VERSION,
     }
     save_model(run_dir, model, config, info)
+    if artifacts:
+        from mnist_cnn.explain import explain_digit, explanation_figure, format_summary
+
+        write_run_artifacts(run_dir, results)
+        atomic_write_text(run_dir / "summary.txt", format_summary(model, f"model {config.model!r}") + "\n")
+        explanation_figure(explain_digit(model, results.images[0]), results.classes,
+                           run_dir / "explain.png",
+                           title=f"test image #0 (true: {results.classes[int(results.labels[0])]})")

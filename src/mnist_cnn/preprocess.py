@@ -1,0 +1,155 @@
+"""A user's image → the 28×28 digit MNIST's own normalisation would have made of it.
+
+MNIST digits are white on black, size-normalised into a 20×20 box keeping their aspect
+ratio (with antialiasing), then placed in 28×28 with their centre of mass at the centre.
+Naive demos skip this and fail on real handwriting; every path that feeds user images to a
+model (predict, explain, the web app, exported models' demos) goes through `preprocess`.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from mnist_cnn import MnistCnnError
+from mnist_cnn.data import IMAGE_SIZE
+
+BOX_SIZE = 20  # MNIST fits each digit's longer side into 20 pixels
+MAX_PIXELS = 40_000_000  # larger images are refused (decompression bombs)
+INK_THRESHOLD = 0.2  # after normalising to [0, 1]: what counts as ink when cropping
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm",
+                  ".ppm", ".pbm", ".pnm"}
+
+
+class ImageError(MnistCnnError):
+    """An image that cannot be read or holds no digit."""
+
+
+def open_image(source: str | Path | bytes, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode the first frame of any image Pillow reads, refusing oversized ones before
+    their pixels are decoded."""
+    name = "image" if isinstance(source, bytes) else str(source)
+    try:
+        handle = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+    except FileNotFoundError:
+        raise ImageError(f"{name}: file not found") from None
+    except IsADirectoryError:
+        raise ImageError(f"{name}: is a directory") from None
+    except OSError as error:
+        raise ImageError(f"{name}: cannot read ({error.strerror})") from None
+    with handle:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(handle)
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise ImageError(f"{name}: {width}x{height} pixels is over the limit of "
+                                     f"{max_pixels:,}; scale the image down first")
+                image.seek(0)  # first frame of a GIF, TIFF or WebP animation
+                image.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ImageError(f"{name}: refused as a decompression bomb (too many pixels)") from None
+        except UnidentifiedImageError:
+            raise ImageError(f"{name}: not an image Pillow can read") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as error:
+            raise ImageError(f"{name}: broken image ({error})") from None
+    if image.width == 0 or image.height == 0:
+        raise ImageError(f"{name}: empty image")
+    return image
+
+
+def to_gray(image: Image.Image) -> np.ndarray:
+    """Any mode → float32 luminance in [0, 1]. Transparent pixels become background: the
+    image is flattened onto white when its visible pixels are dark, onto black when light."""
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        high = 65535.0 if image.mode.startswith("I;16") else max(float(values.max()), 1.0)
+        if image.mode == "F" and values.max() <= 1.0:
+            high = 1.0
+        return np.clip(values / high, 0, 1).astype(np.float32)
+    if image.mode in ("RGBA", "LA", "RGBa", "La") or (image.mode == "RGB" and "transparency" in image.info):
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
+        luminance = rgba[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        alpha = rgba[..., 3]
+        visible = alpha > 0.5
+        if not visible.any() or visible.all():
+            background = 1.0 if luminance.mean() < 0.5 else 0.0
+        else:
+            background = 1.0 if luminance[visible].mean() < 0.5 else 0.0
+        return luminance * alpha + background * (1 - alpha)
+    if image.mode == "CMYK":
+        image = image.convert("RGB")
+    return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+
+
+def normalise_ink(gray: np.ndarray) -> np.ndarray:
+    """White ink on black, background at 0, ink at 1. The background is the median of the
+    border pixels; an image whose background is light is inverted."""
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    background = float(np.median(border))
+    ink = 1.0 - gray if background > 0.5 else gray
+    background = 1.0 - background if background > 0.5 else background
+    peak = float(np.percentile(ink, 99.9))
+    if peak - background < 0.1:
+        return np.zeros_like(ink)
+    return np.clip((ink - background) / (peak - background), 0, 1)
+
+
+def center_of_mass(image: np.ndarray) -> tuple[float, float]:
+    total = image.sum()
+    rows, cols = np.indices(image.shape)
+    return float((rows * image).sum() / total), float((cols * image).sum() / total)
+
+
+def preprocess(image: Image.Image, *, source: str = "image") -> np.ndarray:
+    """A PIL image → uint8 (28, 28), white digit on black, as MNIST's own files store it."""
+    ink = normalise_ink(to_gray(image))
+    mask = ink > INK_THRESHOLD
+    if not mask.any():
+        raise ImageError(f"{source}: no digit found (the image is blank or has no contrast)")
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    crop = ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    height, width = crop.shape
+    scale = BOX_SIZE / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    resized = Image.fromarray((crop * 255).astype(np.uint8)).resize(size, Image.Resampling.LANCZOS)
+    box = np.asarray(resized, dtype=np.float32)
+    canvas = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+    row_mass, col_mass = center_of_mass(box) if box.sum() > 0 else (size[1] / 2, size[0] / 2)
+    # Shift so the centre of mass lands on the canvas centre, kept inside the canvas.
+    top = int(np.clip(round(IMAGE_SIZE / 2 - row_mass), 0, IMAGE_SIZE - size[1]))
+    left = int(np.clip(round(IMAGE_SIZE / 2 - col_mass), 0, IMAGE_SIZE - size[0]))
+    canvas[top:top + size[1], left:left + size[0]] = box
+    return np.clip(canvas, 0, 255).astype(np.uint8)
+
+
+def preprocess_file(source: str | Path | bytes, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    name = "image" if isinstance(source, bytes) else str(source)
+    return preprocess(open_image(source, max_pixels=max_pixels), source=name)
+
+
+def expand_paths(paths: list[str]) -> list[Path]:
+    """Files as given; folders → their image files (by suffix), sorted, not recursive."""
+    expanded: list[Path] = []
+    for text in paths:
+        path = Path(text)
+        if path.is_dir():
+            expanded += sorted(p for p in path.iterdir()
+                               if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            expanded.append(path)
+    return expanded
+
+
+def to_image(digit: np.ndarray) -> Image.Image:
+    """A preprocessed 28×28 digit as a PIL image (mode L)."""
+    return Image.fromarray(digit.astype(np.uint8))
+
+

@@ -1,0 +1,137 @@
+"""A user's image becomes the digit MNIST's normalisation would have made of it."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mnist_cnn.checkpoint import load_model
+from mnist_cnn.data import scale
+from mnist_cnn.preprocess import ImageError, center_of_mass, open_image, preprocess, preprocess_file
+
+
+@pytest.fixture(scope="module")
+def seven(mnist) -> np.ndarray:
+    return mnist["test"][0][0]  # the first test digit, a 7
+
+
+def on_paper(digit: np.ndarray, *, canvas=(420, 300), at=(40, 70), size=168, ink=30, paper=235,
+             rng=None) -> Image.Image:
+    """What a user's scan looks like: dark ink on light paper, large, off-centre, a little noise."""
+    big = np.asarray(Image.fromarray(digit).resize((size, size), Image.Resampling.BICUBIC), np.float32) / 255
+    page = np.full((canvas[1], canvas[0]), float(paper), np.float32)
+    page[at[1]:at[1] + size, at[0]:at[0] + size] = paper - big * (paper - ink)
+    if rng is not None:
+        page += rng.normal(0, 4, page.shape)
+    return Image.fromarray(np.clip(page, 0, 255).astype(np.uint8))
+
+
+def transparent(digit: np.ndarray, *, color=(20, 20, 60), canvas=(300, 260), at=(90, 20), size=140) -> Image.Image:
+    """A drawing app's export: coloured strokes on a fully transparent background."""
+    big = np.asarray(Image.fromarray(digit).resize((size, size), Image.Resampling.BICUBIC))
+    rgba = np.zeros((canvas[1], canvas[0], 4), np.uint8)
+    rgba[..., :3] = color
+    rgba[at[1]:at[1] + size, at[0]:at[0] + size, 3] = big
+    return Image.fromarray(rgba, "RGBA")
+
+
+def jpeg(image: Image.Image, quality: int = 70) -> Image.Image:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, "JPEG", quality=quality)
+    return Image.open(io.BytesIO(buffer.getvalue()))
+
+
+def test_output_is_mnist_like_box_and_centre_of_mass(seven):
+    digit = preprocess(on_paper(seven))
+    assert digit.shape == (28, 28) and digit.dtype == np.uint8
+    rows, cols = np.nonzero(digit > 0.2 * 255)
+    assert max(rows.max() - rows.min(), cols.max() - cols.min()) + 1 in (20, 21)
+    row, col = center_of_mass(digit.astype(np.float64))
+    assert abs(row - 14) <= 1 and abs(col - 14) <= 1
+    assert digit.max() == 255 and digit[0].max() == 0  # white on black, clean border
+
+
+def test_polarity_and_transparency_give_the_same_digit(seven):
+    reference = preprocess(on_paper(seven)).astype(int)
+    variants = {
+        "light on dark": Image.fromarray(255 - np.asarray(on_paper(seven))),
+        "rgba dark strokes": transparent(seven),
+        "rgba white strokes": transparent(seven, color=(255, 255, 255)),
+        "palette": on_paper(seven).convert("P"),
+        "cmyk": on_paper(seven).convert("CMYK"),
+        "16-bit": Image.fromarray(np.asarray(on_paper(seven)).astype(np.uint16) * 257),
+    }
+    for name, image in variants.items():
+        digit = preprocess(image).astype(int)
+        overlap = np.minimum(digit, reference).sum() / np.maximum(digit, reference).sum()
+        assert overlap > 0.8, (name, overlap)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF"])
+def test_every_common_format_reads(tmp_path, seven, fmt):
+    image = on_paper(seven)
+    path = tmp_path / f"digit.{fmt.lower()}"
+    image.save(path, fmt, **({"save_all": True, "append_images": [Image.new("L", image.size, 255)]}
+                             if fmt == "GIF" else {}))  # a 2-frame GIF: the first frame counts
+    digit = preprocess_file(path)
+    assert digit.max() > 200 and digit.sum() > 10_000
+
+
+def test_no_ink_is_an_error_not_a_guess(tmp_path):
+    for image in (Image.new("L", (64, 64), 255), Image.new("RGBA", (64, 64), (0, 0, 0, 0)),
+                  Image.fromarray(np.full((50, 50), 128, np.uint8))):
+        with pytest.raises(ImageError, match="no digit found"):
+            preprocess(image)
+
+
+def test_broken_missing_and_huge_images_are_refused(tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    with pytest.raises(ImageError, match="broken.png: not an image Pillow can read"):
+        open_image(broken)
+    truncated = tmp_path / "truncated.jpg"
+    buffer = io.BytesIO()
+    Image.effect_noise((300, 300), 60).save(buffer, "JPEG")
+    truncated.write_bytes(buffer.getvalue()[:2000])
+    with pytest.raises(ImageError, match="truncated.jpg: broken image"):
+        open_image(truncated)
+    with pytest.raises(ImageError, match="file not found"):
+        open_image(tmp_path / "nope.png")
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (9000, 9000)).save(bomb)  # 81 megapixels, a few kB on disk
+    assert bomb.stat().st_size < 100_000
+    with pytest.raises(ImageError, match="over the limit"):
+        open_image(bomb)
+    small = tmp_path / "small.png"
+    Image.new("L", (100, 100)).save(small)
+    with pytest.raises(ImageError, match="100x100 pixels is over the limit of 9,999"):
+        open_image(small, max_pixels=9_999)
+
+
+def test_user_style_images_keep_the_models_accuracy(mnist, mnist_model):
+    """On test digits made to look like users' files, accuracy stays within 2 points of the
+    accuracy on the clean MNIST images."""
+    model, _ = load_model(mnist_model)
+    images, labels = mnist["test"][0][:400], mnist["test"][1][:400].astype(np.int64)
+    rng = np.random.default_rng(0)
+
+    def accuracy(digits: np.ndarray) -> float:
+        with torch.inference_mode():
+            predicted = model(scale(torch.from_numpy(digits)[:, None])).argmax(1).numpy()
+        return float((predicted == labels).mean())
+
+    clean = accuracy(images)
+    makers = {
+        "paper, large canvas, off-centre": lambda d, i: on_paper(
+            d, at=(int(rng.integers(0, 250)), int(rng.integers(0, 130))), rng=rng),
+        "rgba, transparent background": lambda d, i: transparent(d),
+        "jpeg of a scan": lambda d, i: jpeg(on_paper(d, size=int(rng.integers(60, 200)), rng=rng)),
+        "small and thick, light on dark": lambda d, i: Image.fromarray(d).resize((40, 52)),
+    }
+    for name, make in makers.items():
+        user = np.stack([preprocess(make(d, i)) for i, d in enumerate(images)])
+        assert accuracy(user) >= clean - 0.02, (name, accuracy(user), clean)
