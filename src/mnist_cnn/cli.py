@@ -284,6 +284,27 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_export_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export", help="export to ONNX or TorchScript for serving",
+        description="Export a trained model. The exported model takes float32 images (N, 1, 28, 28) "
+                    "in [0, 1] (MNIST-normalised, white on black) with a dynamic batch size N and "
+                    "returns (N, 10) probabilities.")
+    p.add_argument("--model", required=True, metavar="RUN_DIR_OR_MODEL")
+    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="(default: onnx)")
+    p.add_argument("--output", metavar="PATH",
+                   help="(default: model.onnx or model.torchscript.pt beside the model)")
+    p.set_defaults(handler=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from mnist_cnn.export import export_model
+
+    path = export_model(args.model, format=args.format, output=args.output)
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="mnist-cnn", description="Train, evaluate and use the classic MNIST CNN.")
     parser.add_argument("--version", action="version", version=f"mnist-cnn {__version__}")
@@ -297,6 +318,7 @@ def build_parser() -> Parser:
     add_report_parser(subparsers)
     add_summary_parser(subparsers)
     add_explain_parser(subparsers)
+    add_export_parser(subparsers)
     return parser
 
 

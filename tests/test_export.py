@@ -1,0 +1,97 @@
+"""ONNX and TorchScript exports agree with the trained model; ONNX Runtime serves predict."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_one_line_error, run_cli
+from mnist_cnn.export import OnnxPredictor, export_model
+from mnist_cnn.predict import TorchPredictor
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def exported(mnist_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("export")
+    run = folder / "run"
+    shutil.copytree(mnist_model, run)
+    result = run_cli("export", "--model", str(run), "--format", "onnx")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # the exporter's chatter stays out of the user's terminal
+    return run
+
+
+def test_onnx_file_passes_the_checker_and_has_a_dynamic_batch(exported):
+    model = onnx.load(str(exported / "model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [1, 28, 28]
+    metadata = {entry.key: entry.value for entry in model.metadata_props}
+    assert json.loads(metadata["classes"]) == [str(d) for d in range(10)]
+
+
+def test_onnx_runtime_matches_torch_on_1000_test_images(exported, mnist):
+    digits = mnist["test"][0][:1000]
+    ours = TorchPredictor(exported, device="cpu").probabilities(digits)
+    onnx_predictor = OnnxPredictor(exported / "model.onnx")
+    theirs = onnx_predictor.probabilities(digits)
+    assert theirs.shape == (1000, 10)
+    assert np.array_equal(ours.argmax(1), theirs.argmax(1))
+    assert np.abs(ours - theirs).max() <= 1e-5
+    for batch in (1, 37):  # any batch size
+        x = (digits[:batch, None] / np.float32(255)).astype(np.float32)
+        assert onnx_predictor.run(x).shape == (batch, 10)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_torchscript_export_matches(mnist_model, mnist, tmp_path):
+    path = export_model(mnist_model, format="torchscript", output=tmp_path / "m.pt")
+    extra = {"config.json": ""}
+    scripted = torch.jit.load(str(path), _extra_files=extra)
+    assert json.loads(extra["config.json"])["model"] == "seed"
+    digits = mnist["test"][0][:500]
+    x = torch.from_numpy(digits[:, None]).float() / 255
+    with torch.inference_mode():
+        theirs = scripted(x).numpy()
+    ours = TorchPredictor(mnist_model, device="cpu").probabilities(digits)
+    assert np.array_equal(ours.argmax(1), theirs.argmax(1)) and np.abs(ours - theirs).max() <= 1e-5
+
+
+def test_predict_with_the_onnxruntime_backend(exported, mnist, tmp_path):
+    from test_preprocess import on_paper
+
+    for index in range(3):
+        on_paper(mnist["test"][0][index]).save(tmp_path / f"d{index}.png")
+    runs = {backend: run_cli("predict", "--model", str(exported), str(tmp_path), "--json",
+                             "--backend", backend) for backend in ("torch", "onnxruntime")}
+    for result in runs.values():
+        assert result.returncode == 0, result.stderr
+    torch_rows, onnx_rows = ([json.loads(line) for line in runs[b].stdout.splitlines()]
+                             for b in ("torch", "onnxruntime"))
+    assert [r["label"] for r in onnx_rows] == [r["label"] for r in torch_rows] == \
+        [int(label) for label in mnist["test"][1][:3]]
+    for a, b in zip(torch_rows, onnx_rows):
+        assert np.abs(np.array(a["probabilities"]) - np.array(b["probabilities"])).max() <= 1e-5
+    direct = run_cli("predict", "--model", str(exported / "model.onnx"), str(tmp_path / "d0.png"),
+                     "--backend", "onnxruntime")
+    assert direct.returncode == 0 and direct.stdout.startswith(f"{tmp_path / 'd0.png'}: 7 (")
+
+
+def test_export_and_backend_errors(mnist_model, tmp_path):
+    assert_one_line_error(run_cli("predict", "--model", str(mnist_model), str(tmp_path),
+                                  "--backend", "onnxruntime"),
+                          "no model.onnx here; create it with mnist-cnn export")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a protobuf at all")
+    assert_one_line_error(run_cli("predict", "--model", str(bad), str(tmp_path), "--backend", "onnxruntime"),
+                          "not a loadable ONNX model")
+    assert_one_line_error(run_cli("export", "--model", str(mnist_model), "--output",
+                                  str(tmp_path / "missing" / "m.onnx")), "does not exist")
+    assert_one_line_error(run_cli("export", "--model", str(tmp_path / "nothing")), "no such file or folder")
