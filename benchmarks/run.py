@@ -1,6 +1,6 @@
 """mnist-cnn benchmarks: one command, tables printed and written as Markdown.
 
-    .venv/bin/python benchmarks/run.py [--repeats 3] [--sections epoch,accuracy,flops]
+    .venv/bin/python benchmarks/run.py [--repeats 3] [--sections epoch,accuracy,flops,inference]
 
 Every figure is measured in this run, on this machine; the Markdown file records the machine
 (CPU, cores, threads, torch) and the date. Timing targets live here, not in the test suite.
@@ -23,6 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import seed_pipeline  # noqa: E402
+from inference import section_inference  # noqa: E402
+from tables import table  # noqa: E402
 
 from mnist_cnn.config import TrainConfig, resolve_train_config  # noqa: E402
 from mnist_cnn.data import load_dataset  # noqa: E402
@@ -30,17 +32,11 @@ from mnist_cnn.model import build_model  # noqa: E402
 from mnist_cnn.runtime import cpu_model, resolve_device  # noqa: E402
 from mnist_cnn.train import train  # noqa: E402
 
-SECTIONS = ("epoch", "accuracy", "flops")
+SECTIONS = ("epoch", "accuracy", "flops", "inference")
 
 
 def quiet(message: str) -> None:
     pass
-
-
-def table(headers: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def machine(device: torch.device) -> str:
@@ -193,8 +189,10 @@ def main(argv: list[str] | None = None) -> int:
                 text, figures[name] = section_epoch(args, device, Path(workdir))
             elif name == "accuracy":
                 text, figures[name] = section_accuracy(args, device, Path(workdir))
-            else:
+            elif name == "flops":
                 text, figures[name] = section_flops(args, device, Path(workdir), figures.get("epoch"))
+            else:
+                text, figures[name] = section_inference(args, device, Path(workdir))
             print("\n" + text, flush=True)
             parts.append(text)
     output = Path(args.output) if args.output else (

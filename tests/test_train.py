@@ -23,7 +23,7 @@ SMALL = ["--dataset", "custom", "--no-progress"]
 
 
 def small_config(**overrides) -> TrainConfig:
-    return TrainConfig(dataset="custom", epochs=2, **overrides)
+    return TrainConfig(**{"dataset": "custom", "epochs": 2, **overrides})
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -193,3 +193,13 @@ def test_an_existing_run_is_never_overwritten(tmp_path, small_data):
     before = (run / "metrics.jsonl").read_text()
     assert_one_line_error(run_cli(*args), "already holds a run", "--resume")
     assert (run / "metrics.jsonl").read_text() == before
+
+
+def test_bf16_autocast_trains_and_fp16_needs_cuda(tmp_path, small_data):
+    result = train(small_config(precision="bf16", epochs=1), run_dir=tmp_path / "bf16",
+                   data_dir=str(small_data), progress=False, artifacts=False, log=lambda m: None)
+    assert result.completed and 0 < result.metrics[0]["test_accuracy"] <= 1
+    if not torch.cuda.is_available():
+        assert_one_line_error(run_cli("train", "--precision", "fp16", "--run-dir", str(tmp_path / "fp16")),
+                              "--precision fp16 needs a CUDA device")
+        assert not (tmp_path / "fp16").exists()  # nothing left behind by a refused run

@@ -114,7 +114,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         last = result.metrics[-1]
         total = sum(record["seconds"] for record in result.metrics)
         print(f"done: test accuracy {100 * last['test_accuracy']:.2f}% "
-              f"({last['test_correct']}/{last['test_total']}) after {last['epoch']} epochs, "
+              f"({last['test_correct']}/{last['test_total']}) after {last['epoch']} "
+              f"epoch{'s' if last['epoch'] != 1 else ''}, "
               f"{total:.1f}s of training; model in {result.run_dir}/model.safetensors")
         if not args.no_report:
             print(f"report: {result.run_dir}/report.html")

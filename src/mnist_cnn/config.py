@@ -53,7 +53,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # larger batches (fewer, better-vectorised steps), a one-cycle schedule at a 30x higher
     # peak rate, cross-entropy with light label smoothing, and +-2 px random shifts.
     "fast": {
-        "epochs": 12,
+        "epochs": 8,
         "batch_size": 256,
         "lr": 3e-3,
         "loss": "ce",

@@ -78,7 +78,9 @@ def random_shift(x: torch.Tensor, max_shift: int) -> torch.Tensor:
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    # The fused kernel updates all parameters in one op; it exists for CPU and CUDA.
+    # Fused Adam updates every parameter in one kernel (CPU and CUDA); on the seed model it
+    # measured no faster than the default on 2 CPU cores (the step is ~1 % of the time), and
+    # saves per-parameter launches on a GPU.
     fused = device.type in ("cpu", "cuda")
     if config.weight_decay:
         return torch.optim.AdamW(model.parameters(), lr=config.lr,
@@ -203,6 +205,7 @@ def train(config: TrainConfig | None = None, *, run_dir: str | Path | None = Non
     """Train `config` into a new run folder, or continue the run in `resume`. At the end,
     `artifacts` adds plots, galleries, summary.txt, explain.png and report.html."""
     state = None
+    target = resolve_device(device)
     if resume is not None:
         run_dir = Path(resume)
         config, state, saved_data_dir = open_run(run_dir, log)
@@ -210,14 +213,14 @@ def train(config: TrainConfig | None = None, *, run_dir: str | Path | None = Non
     else:
         config = config or TrainConfig()
         validate_train_config(config)
+    if config.precision == "fp16" and target.type != "cuda":
+        raise MnistCnnError("--precision fp16 needs a CUDA device; use bf16 or fp32")
+    if resume is None:
         run_dir = new_run_dir(run_dir)
-    target = resolve_device(device)
     if target.type == "cuda":
         # Same seed → same weights, on the GPU too.
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
-    if config.precision == "fp16" and target.type != "cuda":
-        raise MnistCnnError("--precision fp16 needs a CUDA device; use bf16 or fp32")
 
     if data_dir:
         data_dir = str(Path(data_dir).expanduser().resolve())
