@@ -62,13 +62,16 @@ def section_inference(args, device: torch.device, workdir: Path) -> tuple[str, d
     test = load_dataset("mnist", splits=("test",), device=device)["test"]
     inputs = {batch: scale(test.images[:batch]) for batch in BATCHES}
 
-    def eager(x):
-        with torch.inference_mode():
-            out = torch.softmax(model(x), dim=1)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return out
+    def probabilities(network):
+        def run(x):
+            with torch.inference_mode():
+                out = torch.softmax(network(x), dim=1)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return out
+        return run
 
+    eager = probabilities(model)
     backends = {"torch eager": eager}
     compile_seconds = None
     try:
@@ -78,15 +81,7 @@ def section_inference(args, device: torch.device, workdir: Path) -> tuple[str, d
             for batch in BATCHES:  # compile every shape before timing
                 compiled(inputs[batch])
         compile_seconds = time.perf_counter() - started
-
-        def compiled_run(x):
-            with torch.inference_mode():
-                out = torch.softmax(compiled(x), dim=1)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            return out
-
-        backends["torch.compile"] = compiled_run
+        backends["torch.compile"] = probabilities(compiled)
     except Exception as error:  # no compiler toolchain, unsupported platform
         print(f"  torch.compile unavailable: {type(error).__name__}: {error}")
     onnx_predictor = None

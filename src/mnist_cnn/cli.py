@@ -209,12 +209,16 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_plot_parser(subparsers) -> None:
-    p = subparsers.add_parser("plot", help="learning curves, confusion matrix, per-class accuracy (PNG)",
-                              description="(Re)draw a run's plots into its folder.")
+def _run_flags(p) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--data-dir", help="folder with the IDX files (default: the run's)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="(default: auto)")
+
+
+def add_plot_parser(subparsers) -> None:
+    p = subparsers.add_parser("plot", help="learning curves, confusion matrix, per-class accuracy (PNG)",
+                              description="(Re)draw a run's plots into its folder.")
+    _run_flags(p)
     p.set_defaults(handler=cmd_plot)
 
 
@@ -230,10 +234,8 @@ def add_report_parser(subparsers) -> None:
     p = subparsers.add_parser("report", help="one self-contained HTML report of a run",
                               description="Write RUN_DIR/report.html: config, final metrics, plots "
                                           "and the misclassified gallery, images embedded.")
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    _run_flags(p)
     p.add_argument("--output", metavar="FILE.html", help="(default: RUN_DIR/report.html)")
-    p.add_argument("--data-dir", help="folder with the IDX files (default: the run's)")
-    p.add_argument("--device", choices=DEVICES, default="auto", help="(default: auto)")
     p.set_defaults(handler=cmd_report)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from mnist_cnn import MnistCnnError
-from mnist_cnn.fileio import atomic_write_bytes
+from mnist_cnn.fileio import atomic_write_bytes, read_file
 
 IMAGE_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
 LABEL_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
@@ -124,14 +124,7 @@ def get_spec(name: str) -> DatasetSpec:
 
 def read_bytes(path: Path) -> bytes:
     """The file's bytes, gunzipped when it is gzip (detected by content, not by name)."""
-    try:
-        raw = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a directory, expected an IDX file") from None
-    except OSError as error:
-        raise DataError(f"{path}: cannot read ({error.strerror})") from None
+    raw = read_file(path, error=DataError)
     if raw[:2] == b"\x1f\x8b":
         try:
             return gzip.decompress(raw)

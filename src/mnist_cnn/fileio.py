@@ -7,6 +7,8 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+from mnist_cnn import MnistCnnError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -37,3 +39,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def read_file(path: str | Path, *, error: type[MnistCnnError] = MnistCnnError,
+              max_bytes: int | None = None) -> bytes:
+    """A file's bytes; a missing, unreadable, directory or (with `max_bytes`) oversized path
+    raises `error` with a one-line message that names the path."""
+    try:
+        if max_bytes is not None and Path(path).stat().st_size > max_bytes:
+            raise error(f"{path}: larger than {max_bytes:,} bytes; refused")
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise error(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise error(f"{path}: is a directory, expected a file") from None
+    except OSError as failure:
+        raise error(f"{path}: cannot read ({failure.strerror})") from None

@@ -17,9 +17,11 @@ from PIL import Image, UnidentifiedImageError
 
 from mnist_cnn import MnistCnnError
 from mnist_cnn.data import IMAGE_SIZE
+from mnist_cnn.fileio import read_file
 
 BOX_SIZE = 20  # MNIST fits each digit's longer side into 20 pixels
 MAX_PIXELS = 40_000_000  # larger images are refused (decompression bombs)
+MAX_FILE_BYTES = 200_000_000  # an image file is read whole; larger ones are refused
 INK_THRESHOLD = 0.2  # after normalising to [0, 1]: what counts as ink when cropping
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm",
                   ".ppm", ".pbm", ".pnm"}
@@ -33,15 +35,9 @@ def open_image(source: str | Path | bytes, *, max_pixels: int = MAX_PIXELS) -> I
     """Decode the first frame of any image Pillow reads, refusing oversized ones before
     their pixels are decoded."""
     name = "image" if isinstance(source, bytes) else str(source)
-    try:
-        handle = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
-    except FileNotFoundError:
-        raise ImageError(f"{name}: file not found") from None
-    except IsADirectoryError:
-        raise ImageError(f"{name}: is a directory") from None
-    except OSError as error:
-        raise ImageError(f"{name}: cannot read ({error.strerror})") from None
-    with handle:
+    data = source if isinstance(source, bytes) else read_file(source, error=ImageError,
+                                                              max_bytes=MAX_FILE_BYTES)
+    with io.BytesIO(data) as handle:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
