@@ -26,6 +26,7 @@ import seed_pipeline  # noqa: E402
 from inference import section_inference  # noqa: E402
 from tables import table  # noqa: E402
 
+from mnist_cnn import MnistCnnError  # noqa: E402
 from mnist_cnn.config import TrainConfig, resolve_train_config  # noqa: E402
 from mnist_cnn.data import load_dataset  # noqa: E402
 from mnist_cnn.model import build_model  # noqa: E402
@@ -177,7 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except MnistCnnError as error:
+        parser.error(str(error))
     today = datetime.date.today().isoformat()
     header = f"## Benchmarks, {today}\n\nMachine: {machine(device)}."
     print(header, flush=True)

@@ -74,3 +74,10 @@ def test_train_in_a_fresh_folder_uses_runs_timestamp(tmp_path, small_data):
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1 and (runs[0] / "model.safetensors").is_file()
     assert "done: test accuracy" in result.stdout
+
+
+def test_a_run_that_cannot_start_leaves_no_folder(tmp_path):
+    for args in (["--data-dir", str(tmp_path / "missing")], ["--model", "resnet"]):
+        result = run_cli("train", *args, "--no-progress", cwd=tmp_path)
+        assert result.returncode == 2
+        assert not (tmp_path / "runs").exists(), args

@@ -215,8 +215,6 @@ def train(config: TrainConfig | None = None, *, run_dir: str | Path | None = Non
         validate_train_config(config)
     if config.precision == "fp16" and target.type != "cuda":
         raise MnistCnnError("--precision fp16 needs a CUDA device; use bf16 or fp32")
-    if resume is None:
-        run_dir = new_run_dir(run_dir)
     if target.type == "cuda":
         # Same seed → same weights, on the GPU too.
         torch.backends.cudnn.deterministic = True
@@ -234,6 +232,8 @@ def train(config: TrainConfig | None = None, *, run_dir: str | Path | None = Non
 
     steps = steps_per_epoch(len(data["train"]), config.batch_size)
     total_steps = steps * config.epochs
+    if resume is None:
+        run_dir = new_run_dir(run_dir)  # only now: a run that cannot start leaves no folder
     if state is None:
         start_epoch, start_step, metrics = 0, 0, []
         write_metrics(run_dir, metrics)
