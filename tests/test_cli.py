@@ -81,3 +81,18 @@ def test_a_run_that_cannot_start_leaves_no_folder(tmp_path):
         result = run_cli("train", *args, "--no-progress", cwd=tmp_path)
         assert result.returncode == 2
         assert not (tmp_path / "runs").exists(), args
+
+
+def test_an_unwritable_output_is_one_line_not_a_traceback(tmp_path, small_data):
+    import os
+
+    if os.geteuid() == 0:
+        target = "/proc/mnist-cnn-run"  # not creatable even by root
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        target = str(locked / "run")
+    result = run_cli("train", "--epochs", "1", "--dataset", "custom", "--data-dir", str(small_data),
+                     "--run-dir", target, "--no-progress")
+    assert result.returncode in (1, 2) and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and target in result.stderr

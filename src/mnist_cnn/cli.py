@@ -337,3 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as error:  # disk full, permissions: the machine's problem, said in one line
+        detail = f"{error.strerror}: {error.filename}" if error.filename else str(error)
+        print(f"mnist-cnn {args.command}: error: {detail}", file=sys.stderr)
+        return 1
