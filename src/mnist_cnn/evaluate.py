@@ -38,34 +38,35 @@ class Evaluation:
         return self.loss_sum / self.total if self.total else 0.0
 
 
-def evaluate(model: nn.Module, split: Split, *, loss: str = "kl", batch_size: int = 1000,
-             num_classes: int = 10) -> Evaluation:
-    """One pass in eval mode under inference_mode; a single host sync at the end."""
+def split_logits(model: nn.Module, split: Split, *, batch_size: int = 1000) -> torch.Tensor:
+    """Float32 logits (N, classes) for every image of `split` in file order, on its device:
+    one pass in eval mode under inference_mode."""
     was_training = model.training
     model.eval()
-    device = split.labels.device
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
     with torch.inference_mode():
-        for x, y in eval_batches(split, batch_size):
-            logits = model(x).float()
-            loss_sum += summed_loss(loss, logits, y).double()
-            predicted = logits.argmax(dim=1)
-            confusion += torch.bincount(y * num_classes + predicted, minlength=num_classes ** 2)
+        logits = torch.cat([model(x).float() for x, _ in eval_batches(split, batch_size)])
     model.train(was_training)
+    return logits
+
+
+def evaluation_from_logits(logits: torch.Tensor, labels: torch.Tensor, *, loss: str = "kl",
+                           num_classes: int = 10, batch_size: int = 1000) -> Evaluation:
+    """Exact counts from logits; a single host sync at the end."""
+    with torch.inference_mode():
+        loss_sum = torch.zeros((), dtype=torch.float64, device=logits.device)
+        for start in range(0, len(labels), batch_size):  # summed per batch, then in float64
+            chunk = slice(start, start + batch_size)
+            loss_sum += summed_loss(loss, logits[chunk], labels[chunk]).double()
+        confusion = torch.bincount(labels * num_classes + logits.argmax(dim=1),
+                                   minlength=num_classes ** 2)
     return Evaluation(loss_sum=float(loss_sum), confusion=confusion.view(num_classes, num_classes).cpu())
 
 
-def split_probabilities(model: nn.Module, split: Split, *, batch_size: int = 1000):
-    """Softmax probabilities for every image of `split`, as a float32 numpy array."""
-    was_training = model.training
-    model.eval()
-    outputs = []
-    with torch.inference_mode():
-        for x, _ in eval_batches(split, batch_size):
-            outputs.append(torch.softmax(model(x).float(), dim=1).cpu())
-    model.train(was_training)
-    return torch.cat(outputs).numpy()
+def evaluate(model: nn.Module, split: Split, *, loss: str = "kl", batch_size: int = 1000,
+             num_classes: int = 10) -> Evaluation:
+    """Loss and confusion matrix of `model` on `split`."""
+    return evaluation_from_logits(split_logits(model, split, batch_size=batch_size), split.labels,
+                                  loss=loss, num_classes=num_classes, batch_size=batch_size)
 
 
 def per_class(confusion: torch.Tensor, classes: tuple[str, ...]) -> list[dict[str, Any]]:

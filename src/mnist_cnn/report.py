@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from mnist_cnn import MnistCnnError
 from mnist_cnn.checkpoint import MODEL_INFO_FILE, load_model, resolve_model_path, saved_data_dir
 from mnist_cnn.config import TrainConfig
 from mnist_cnn.data import Split, get_spec, load_dataset
-from mnist_cnn.evaluate import evaluate, evaluation_report, split_probabilities
+from mnist_cnn.evaluate import evaluation_from_logits, evaluation_report, split_logits
 from mnist_cnn.fileio import atomic_write_text
 from mnist_cnn.plots import (
     CONFUSION_MATRIX,
@@ -49,11 +50,12 @@ class SplitResults:
 
 def split_results(model: nn.Module, config: TrainConfig, test: Split) -> SplitResults:
     classes = get_spec(config.dataset).classes
-    evaluation = evaluate(model, test, loss=config.loss, num_classes=len(classes))
+    logits = split_logits(model, test)
+    evaluation = evaluation_from_logits(logits, test.labels, loss=config.loss, num_classes=len(classes))
     return SplitResults(
         config=config, classes=classes,
         images=test.images[:, 0].cpu().numpy(), labels=test.labels.cpu().numpy(),
-        probabilities=split_probabilities(model, test),
+        probabilities=torch.softmax(logits, dim=1).cpu().numpy(),
         report=evaluation_report(evaluation, classes),
     )
 
