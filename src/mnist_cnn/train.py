@@ -320,6 +320,10 @@ def train(config: TrainConfig | None = None, *, run_dir: str | Path | None = Non
             start_step, partial_loss, partial_seconds = 0, torch.zeros((), device=target), 0.0
             checkpoint(epoch + 1, 0, partial_loss, 0.0)
             log(format_epoch(record, config.epochs))
+            if stop.signal_name and epoch + 1 < config.epochs:  # arrived during the test pass
+                log(f"{stop.signal_name}: saved a checkpoint after epoch {epoch + 1}; "
+                    f"continue with: mnist-cnn train --resume {run_dir}")
+                return TrainResult(run_dir=run_dir, metrics=metrics, completed=False)
 
     finish(run_dir, model, config, metrics, data["test"], target, artifacts=artifacts)
     return TrainResult(run_dir=run_dir, metrics=metrics, completed=True)
