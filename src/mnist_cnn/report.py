@@ -107,10 +107,15 @@ def _embedded(path: Path, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
-def _table(headers: list[str], rows: list[list[Any]]) -> str:
+def _table(headers: list[str] | None, rows: list[list[Any]]) -> str:
+    """An HTML table; without headers, a key-value table whose first column is a header."""
+    body = "".join(
+        "<tr>" + "".join((f"<th>{html.escape(str(c))}</th>" if headers is None and i == 0 else
+                          f"<td>{html.escape(str(c))}</td>") for i, c in enumerate(row)) + "</tr>"
+        for row in rows)
+    if headers is None:
+        return f"<table><tbody>{body}</tbody></table>"
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
-                   for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -128,11 +133,11 @@ def render_report(run_dir: Path, results: SplitResults, metrics: list[dict[str, 
     environment = info.get("environment", {})
     sections = [
         f"<h1>{html.escape(title)}</h1>",
-        "<h2>Result</h2>", _table(["", ""], summary),
-        "<h2>Recipe</h2>", _table(["setting", "value"], [[k, v] for k, v in results.config.to_dict().items()]),
+        "<h2>Result</h2>", _table(None, summary),
+        "<h2>Recipe</h2>", _table(None, [[k, v] for k, v in results.config.to_dict().items()]),
     ]
     if environment:
-        sections += ["<h2>Machine</h2>", _table(["", ""], [[k, v] for k, v in environment.items()])]
+        sections += ["<h2>Machine</h2>", _table(None, [[k, v] for k, v in environment.items()])]
     if metrics:
         sections += ["<h2>Per epoch</h2>", _table(
             ["epoch", "train loss", "test loss", "test accuracy", "seconds"],
