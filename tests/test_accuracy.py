@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from mnist_cnn.config import resolve_train_config
 from mnist_cnn.evaluate import evaluate_model
-from mnist_cnn.train import train
 
 
 @pytest.mark.slow
-def test_fast_preset_reaches_98_5_percent_on_full_mnist(tmp_path):
-    config = resolve_train_config("fast", {})
-    assert config.model == "seed"
-    result = train(config, run_dir=tmp_path / "fast", progress=False, log=print)
-    final = result.metrics[-1]
-    assert final["test_total"] == 10000
-    assert final["test_accuracy"] >= 0.985, final
-    report = evaluate_model(tmp_path / "fast", device="cpu")
+def test_fast_preset_reaches_99_percent_on_full_mnist(mnist_model):
+    """`mnist_model` is `--preset fast` (8 epochs) on all 60,000 training images, evaluated
+    on all 10,000 test images (measured 99.09-99.37 % over seeds 0-2)."""
+    info = json.loads((mnist_model / "model.json").read_text())
+    assert info["config"]["model"] == "seed" and info["config"]["preset"] == "fast"
+    final = info["metrics"]
+    assert final["epoch"] == 8 and final["test_total"] == 10000
+    assert final["test_accuracy"] >= 0.99, final
+    report = evaluate_model(mnist_model, device="cpu")
     assert report["correct"] == final["test_correct"]

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, cli
 from mnist_cnn.cli import main
 
 
 def test_help_and_version():
-    result = run_cli("--help")
+    result = cli("--help")
     assert result.returncode == 0 and "train" in result.stdout and "evaluate" in result.stdout
-    assert run_cli("--version").stdout.startswith("mnist-cnn ")
-    train_help = " ".join(run_cli("train", "--help").stdout.split())
+    assert cli("--version").stdout.startswith("mnist-cnn ")
+    train_help = " ".join(cli("train", "--help").stdout.split())
     for flag in ("--model", "--epochs", "--batch-size", "--lr", "--loss", "--seed", "--device",
                  "--data-dir", "--run-dir", "--resume", "--preset"):
         assert flag in train_help
@@ -55,7 +55,7 @@ def test_invalid_flags_are_one_line_usage_errors(capsys, args, fragment):
     (["train", "--resume", "/tmp", "--epochs", "3"], "--resume continues the saved recipe; drop --epochs"),
 ])
 def test_bad_values_are_one_line_errors(tmp_path, args, fragment):
-    assert_one_line_error(run_cli(*args, "--no-progress", cwd=tmp_path), fragment)
+    assert_one_line_error(cli(*args, "--no-progress", cwd=tmp_path), fragment)
 
 
 def test_missing_cuda_is_a_clear_error(tmp_path):
@@ -63,12 +63,12 @@ def test_missing_cuda_is_a_clear_error(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    assert_one_line_error(run_cli("train", "--device", "cuda", "--run-dir", str(tmp_path / "r")),
+    assert_one_line_error(cli("train", "--device", "cuda", "--run-dir", str(tmp_path / "r")),
                           "CUDA is not available")
 
 
 def test_train_in_a_fresh_folder_uses_runs_timestamp(tmp_path, small_data):
-    result = run_cli("train", "--epochs", "1", "--dataset", "custom", "--data-dir", str(small_data),
+    result = cli("train", "--epochs", "1", "--dataset", "custom", "--data-dir", str(small_data),
                      "--no-progress", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     runs = list((tmp_path / "runs").iterdir())
@@ -78,7 +78,7 @@ def test_train_in_a_fresh_folder_uses_runs_timestamp(tmp_path, small_data):
 
 def test_a_run_that_cannot_start_leaves_no_folder(tmp_path):
     for args in (["--data-dir", str(tmp_path / "missing")], ["--model", "resnet"]):
-        result = run_cli("train", *args, "--no-progress", cwd=tmp_path)
+        result = cli("train", *args, "--no-progress", cwd=tmp_path)
         assert result.returncode == 2
         assert not (tmp_path / "runs").exists(), args
 
@@ -92,7 +92,7 @@ def test_an_unwritable_output_is_one_line_not_a_traceback(tmp_path, small_data):
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
         target = str(locked / "run")
-    result = run_cli("train", "--epochs", "1", "--dataset", "custom", "--data-dir", str(small_data),
+    result = cli("train", "--epochs", "1", "--dataset", "custom", "--data-dir", str(small_data),
                      "--run-dir", target, "--no-progress")
     assert result.returncode in (1, 2) and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and target in result.stderr

@@ -205,18 +205,24 @@ def test_download_fails_cleanly_when_no_mirror_has_good_bytes(tmp_path, mirror_s
     assert list(target.iterdir()) == []  # no partial or corrupt file left behind
 
 
-def test_canonical_mirror_checksums_are_the_published_ones():
-    # The MD5s of the .gz files that the public mirrors serve, as torchvision lists them.
-    assert get_spec("mnist").gz_md5["train-images-idx3-ubyte"] == "f68b3c2dcbeaaa9fbdd348bbdeb94873"
-    assert get_spec("mnist").mirrors[0].startswith("https://ossci-datasets.s3.amazonaws.com/")
+def test_the_shipped_copy_matches_the_published_sha256_and_every_file_has_checksums():
+    import hashlib
+
+    spec = get_spec("mnist")
+    for stem, path in data.find_files_in(data.SHIPPED_DIR / "mnist", spec).items():
+        assert hashlib.sha256(data.read_bytes(path)).hexdigest() == spec.sha256[stem], stem
+    for name in ("mnist", "fashion-mnist"):
+        published = get_spec(name)
+        stems = {stem for pair in data.FILE_STEMS.values() for stem in pair}
+        assert set(published.gz_md5) == set(published.sha256) == stems and published.mirrors
 
 
 def test_cli_downloads_into_the_cache_and_rejects_a_corrupt_mirror(tmp_path, mirror_server):
-    from conftest import assert_one_line_error, run_cli
+    from conftest import assert_one_line_error, cli
 
     env = {"MNIST_CNN_CACHE": str(tmp_path / "cache"),
            "MNIST_CNN_MIRRORS": f"{mirror_server}/corrupt/"}
-    result = run_cli("train", "--dataset", "fashion-mnist", "--run-dir", str(tmp_path / "run"),
+    result = cli("train", "--dataset", "fashion-mnist", "--run-dir", str(tmp_path / "run"),
                      "--no-progress", env=env)
     assert result.returncode == 2
     assert "could not download" in result.stderr.splitlines()[-1]

@@ -8,11 +8,11 @@ import pickle
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_cli
-from mnist_cnn.checkpoint import load_model
+from conftest import assert_one_line_error, cli
 from mnist_cnn.config import TrainConfig
 from mnist_cnn.data import load_dataset, scale
 from mnist_cnn.evaluate import evaluate, evaluation_report, format_report
+from mnist_cnn.runs import open_model
 from mnist_cnn.train import train
 
 
@@ -25,7 +25,7 @@ def trained_run(tmp_path_factory, small_data):
 
 
 def test_evaluate_counts_exactly(trained_run, small_data):
-    model, config = load_model(trained_run)
+    model = open_model(trained_run).model
     test = load_dataset("custom", small_data, splits=("test",))["test"]
     evaluation = evaluate(model, test, loss="kl", batch_size=300)  # 300 does not divide 1000
     with torch.inference_mode():
@@ -47,7 +47,7 @@ def test_evaluate_counts_exactly(trained_run, small_data):
 
 
 def test_cli_evaluate_json_and_table(trained_run, small_data):
-    result = run_cli("evaluate", str(trained_run), "--json", "--data-dir", str(small_data))
+    result = cli("evaluate", str(trained_run), "--json", "--data-dir", str(small_data))
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert {"accuracy", "per_class", "confusion_matrix"} <= report.keys()
@@ -55,28 +55,28 @@ def test_cli_evaluate_json_and_table(trained_run, small_data):
     assert sum(map(sum, report["confusion_matrix"])) == 1000
     info = json.loads((trained_run / "model.json").read_text())
     assert report["accuracy"] == info["metrics"]["test_accuracy"]
-    table = run_cli("evaluate", str(trained_run / "checkpoint.pt"), "--data-dir", str(small_data))
+    table = cli("evaluate", str(trained_run / "checkpoint.pt"), "--data-dir", str(small_data))
     assert table.returncode == 0 and "precision" in table.stdout
 
 
 def test_model_file_loads_alone(trained_run, tmp_path):
     lone = tmp_path / "digits.safetensors"
     lone.write_bytes((trained_run / "model.safetensors").read_bytes())
-    model, config = load_model(lone)
-    assert config.dataset == "custom" and not model.training
+    loaded = open_model(lone)
+    assert loaded.config.dataset == "custom" and not loaded.model.training
 
 
 def test_bad_model_files_are_one_line_errors(tmp_path, small_data):
     garbage = tmp_path / "model.safetensors"
     garbage.write_bytes(b"\x00garbage" * 10)
-    assert_one_line_error(run_cli("evaluate", str(garbage)), "not a readable safetensors file")
-    assert_one_line_error(run_cli("evaluate", str(tmp_path / "nope")), "no such file or folder")
+    assert_one_line_error(cli("evaluate", str(garbage)), "not a readable safetensors file")
+    assert_one_line_error(cli("evaluate", str(tmp_path / "nope")), "no such file or folder")
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert_one_line_error(run_cli("evaluate", str(empty)), "no model.safetensors or checkpoint.pt")
+    assert_one_line_error(cli("evaluate", str(empty)), "no model.safetensors or checkpoint.pt")
     broken = tmp_path / "checkpoint.pt"
     broken.write_bytes(b"PK\x03\x04 not really a zip")
-    assert_one_line_error(run_cli("evaluate", str(broken)), "not a readable checkpoint")
+    assert_one_line_error(cli("evaluate", str(broken)), "not a readable checkpoint")
 
 
 class _Exploit:
@@ -91,5 +91,5 @@ def test_a_malicious_pickle_is_refused_not_executed(tmp_path):
 
     if os.path.exists("/tmp/mnist-cnn-pwned"):
         os.unlink("/tmp/mnist-cnn-pwned")
-    assert_one_line_error(run_cli("evaluate", str(target)), "not a readable checkpoint")
+    assert_one_line_error(cli("evaluate", str(target)), "not a readable checkpoint")
     assert not os.path.exists("/tmp/mnist-cnn-pwned")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_cli
-from mnist_cnn.export import OnnxPredictor, export_model
-from mnist_cnn.predict import TorchPredictor
+from conftest import assert_one_line_error, cli
+from mnist_cnn.export import export_model
+from mnist_cnn.predict import OnnxPredictor, TorchPredictor
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -22,7 +22,7 @@ def exported(mnist_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("export")
     run = folder / "run"
     shutil.copytree(mnist_model, run)
-    result = run_cli("export", "--model", str(run), "--format", "onnx")
+    result = cli("export", "--model", str(run), "--format", "onnx")
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""  # the exporter's chatter stays out of the user's terminal
     return run
@@ -69,7 +69,7 @@ def test_predict_with_the_onnxruntime_backend(exported, mnist, tmp_path):
 
     for index in range(3):
         on_paper(mnist["test"][0][index]).save(tmp_path / f"d{index}.png")
-    runs = {backend: run_cli("predict", "--model", str(exported), str(tmp_path), "--json",
+    runs = {backend: cli("predict", "--model", str(exported), str(tmp_path), "--json",
                              "--backend", backend) for backend in ("torch", "onnxruntime")}
     for result in runs.values():
         assert result.returncode == 0, result.stderr
@@ -79,19 +79,19 @@ def test_predict_with_the_onnxruntime_backend(exported, mnist, tmp_path):
         [int(label) for label in mnist["test"][1][:3]]
     for a, b in zip(torch_rows, onnx_rows):
         assert np.abs(np.array(a["probabilities"]) - np.array(b["probabilities"])).max() <= 1e-5
-    direct = run_cli("predict", "--model", str(exported / "model.onnx"), str(tmp_path / "d0.png"),
+    direct = cli("predict", "--model", str(exported / "model.onnx"), str(tmp_path / "d0.png"),
                      "--backend", "onnxruntime")
     assert direct.returncode == 0 and direct.stdout.startswith(f"{tmp_path / 'd0.png'}: 7 (")
 
 
 def test_export_and_backend_errors(mnist_model, tmp_path):
-    assert_one_line_error(run_cli("predict", "--model", str(mnist_model), str(tmp_path),
+    assert_one_line_error(cli("predict", "--model", str(mnist_model), str(tmp_path),
                                   "--backend", "onnxruntime"),
                           "no model.onnx here; create it with mnist-cnn export")
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a protobuf at all")
-    assert_one_line_error(run_cli("predict", "--model", str(bad), str(tmp_path), "--backend", "onnxruntime"),
+    assert_one_line_error(cli("predict", "--model", str(bad), str(tmp_path), "--backend", "onnxruntime"),
                           "not a loadable ONNX model")
-    assert_one_line_error(run_cli("export", "--model", str(mnist_model), "--output",
+    assert_one_line_error(cli("export", "--model", str(mnist_model), "--output",
                                   str(tmp_path / "missing" / "m.onnx")), "does not exist")
-    assert_one_line_error(run_cli("export", "--model", str(tmp_path / "nothing")), "no such file or folder")
+    assert_one_line_error(cli("export", "--model", str(tmp_path / "nothing")), "no such file or folder")

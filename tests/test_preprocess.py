@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mnist_cnn.checkpoint import load_model
+from mnist_cnn.runs import open_model
 from mnist_cnn.data import scale
 from mnist_cnn.preprocess import ImageError, center_of_mass, open_image, preprocess, preprocess_file
 
@@ -115,7 +115,7 @@ def test_broken_missing_and_huge_images_are_refused(tmp_path):
 def test_user_style_images_keep_the_models_accuracy(mnist, mnist_model):
     """On test digits made to look like users' files, accuracy stays within 2 points of the
     accuracy on the clean MNIST images."""
-    model, _ = load_model(mnist_model)
+    model = open_model(mnist_model).model
     images, labels = mnist["test"][0][:400], mnist["test"][1][:400].astype(np.int64)
     rng = np.random.default_rng(0)
 
@@ -135,3 +135,45 @@ def test_user_style_images_keep_the_models_accuracy(mnist, mnist_model):
     for name, make in makers.items():
         user = np.stack([preprocess(make(d, i)) for i, d in enumerate(images)])
         assert accuracy(user) >= clean - 0.02, (name, accuracy(user), clean)
+
+
+# The stored pixels for each EXIF orientation, from the upright image (Pillow's transposes):
+# what a phone writes when it was turned (3, 6, 8) or the picture mirrored (2, 4, 5, 7).
+STORED_FOR_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_270,
+}
+
+
+def with_orientation(image: Image.Image, orientation: int, fmt: str = "PNG", **options) -> bytes:
+    exif = image.getexif()
+    exif[0x0112] = orientation  # the Orientation tag
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, exif=exif, **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("orientation", sorted(STORED_FOR_ORIENTATION))
+def test_exif_orientation_is_applied(tmp_path, seven, orientation):
+    upright = on_paper(seven)  # 420x300, the 7 off-centre: any wrong turn shows
+    stored = upright.transpose(STORED_FOR_ORIENTATION[orientation])
+    assert not np.array_equal(preprocess(stored), preprocess(upright))  # the turn matters
+    path = tmp_path / "phone.png"
+    path.write_bytes(with_orientation(stored, orientation))
+    assert np.array_equal(preprocess_file(path), preprocess_file(with_orientation(upright, 1)))
+    decoded = Image.open(path)
+    assert decoded.size == stored.size  # Pillow alone keeps the sideways pixels
+    assert np.array_equal(preprocess(decoded), preprocess(upright))  # preprocess turns them too
+
+
+def test_exif_turned_jpeg_photo_reads_upright(seven):
+    """A phone's JPEG turned 90°: the same digit as the upright JPEG, up to JPEG's rounding."""
+    upright = on_paper(seven).convert("RGB")
+    reference = preprocess_file(with_orientation(upright, 1, "JPEG", quality=95)).astype(int)
+    turned = upright.transpose(Image.Transpose.ROTATE_90)
+    digit = preprocess_file(with_orientation(turned, 6, "JPEG", quality=95)).astype(int)
+    overlap = np.minimum(digit, reference).sum() / np.maximum(digit, reference).sum()
+    assert overlap > 0.9, overlap
+    ignored = preprocess_file(with_orientation(turned, 1, "JPEG", quality=95)).astype(int)
+    assert np.minimum(ignored, reference).sum() / np.maximum(ignored, reference).sum() < 0.6

@@ -6,13 +6,14 @@ import base64
 import io
 import json
 import re
+import shutil
 from html.parser import HTMLParser
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, cli
 from test_preprocess import on_paper
 
 
@@ -23,22 +24,37 @@ def decode_png(data: bytes) -> Image.Image:
     return image
 
 
-def test_training_writes_plots_report_and_look_inside(mnist_model):
+@pytest.fixture(scope="module")
+def reported_run(mnist_model, tmp_path_factory):
+    """A copy of the shared model's run folder after `mnist-cnn report`."""
+    run = tmp_path_factory.mktemp("report") / "run"
+    shutil.copytree(mnist_model, run)
+    result = cli("report", str(run))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"wrote {run / 'report.html'}"
+    return run
+
+
+def test_report_writes_plots_galleries_and_look_inside(reported_run):
     for name in ("learning_curves.png", "confusion_matrix.png", "per_class_accuracy.png",
                  "misclassified.png", "explain.png"):
-        image = decode_png((mnist_model / name).read_bytes())
+        image = decode_png((reported_run / name).read_bytes())
         assert image.width > 300 and image.height > 200, name
         assert len(np.unique(np.asarray(image.convert("L")))) > 10, name  # not a blank canvas
-    assert "conv1" in (mnist_model / "summary.txt").read_text()
-    info = json.loads((mnist_model / "model.json").read_text())
+    assert "conv1" in (reported_run / "summary.txt").read_text()
+    info = json.loads((reported_run / "model.json").read_text())
     matrix = info["evaluation"]["confusion_matrix"]
     assert sum(map(sum, matrix)) == 10000
     assert info["evaluation"]["correct"] == info["metrics"]["test_correct"]
 
 
+def test_training_itself_draws_nothing(mnist_model):
+    assert not list(mnist_model.glob("*.png")) and not (mnist_model / "report.html").exists()
+
+
 def test_no_report_skips_the_pictures(tmp_path, small_data):
     run = tmp_path / "run"
-    result = run_cli("train", "--epochs", "1", "--dataset", "custom", "--data-dir", str(small_data),
+    result = cli("train", "--epochs", "1", "--dataset", "custom", "--data-dir", str(small_data),
                      "--run-dir", str(run), "--no-progress", "--no-report")
     assert result.returncode == 0, result.stderr
     assert (run / "model.safetensors").is_file()
@@ -55,13 +71,10 @@ class _Images(HTMLParser):
             self.sources.append(dict(attrs)["src"])
 
 
-def test_report_is_self_contained_html_with_decodable_images(mnist_model, tmp_path):
-    output = tmp_path / "r.html"
-    result = run_cli("report", str(mnist_model), "--output", str(output))
-    assert result.returncode == 0, result.stderr
-    text = output.read_text()
+def test_report_is_self_contained_html_with_decodable_images(reported_run):
+    text = (reported_run / "report.html").read_text()
     assert text.startswith("<!DOCTYPE html>") and text.rstrip().endswith("</html>")
-    info = json.loads((mnist_model / "model.json").read_text())
+    info = json.loads((reported_run / "model.json").read_text())
     accuracy = info["evaluation"]
     assert f"{100 * accuracy['accuracy']:.2f}% ({accuracy['correct']}/10000)" in text
     parser = _Images()
@@ -73,21 +86,21 @@ def test_report_is_self_contained_html_with_decodable_images(mnist_model, tmp_pa
     assert not re.search(r"""(src|href)=["'](https?:|/)""", text)
 
 
-def test_plot_command_redraws(mnist_model):
-    target = mnist_model / "learning_curves.png"
+def test_plot_command_redraws(reported_run):
+    target = reported_run / "learning_curves.png"
     target.unlink()
-    result = run_cli("plot", str(mnist_model))
+    result = cli("plot", str(reported_run))
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("wrote") == 3
     decode_png(target.read_bytes())
 
 
 def test_show_grid_and_misclassified(mnist_model, tmp_path):
-    result = run_cli("show", "--model", str(mnist_model), "--count", "12", "--output", str(tmp_path / "s.png"))
+    result = cli("show", "--model", str(mnist_model), "--count", "12", "--output", str(tmp_path / "s.png"))
     assert result.returncode == 0, result.stderr
     assert "(12 images)" in result.stdout
     grid = decode_png((tmp_path / "s.png").read_bytes())
-    wrong = run_cli("show", "--model", str(mnist_model), "--misclassified", "--count", "5",
+    wrong = cli("show", "--model", str(mnist_model), "--misclassified", "--count", "5",
                     "--output", str(tmp_path / "m.png"))
     assert wrong.returncode == 0 and "(5 images)" in wrong.stdout
     mistakes = decode_png((tmp_path / "m.png").read_bytes()).convert("RGB")
@@ -98,7 +111,7 @@ def test_show_grid_and_misclassified(mnist_model, tmp_path):
 
 
 def test_summary_table_matches_the_tutorial(mnist_model):
-    result = run_cli("summary")
+    result = cli("summary")
     assert result.returncode == 0
     rows = {line.split()[0]: line for line in result.stdout.splitlines()[3:]}
     assert "5x5" in rows["conv1"] and "1->6" in rows["conv1"] and "(b, 6, 24, 24)" in rows["conv1"]
@@ -107,27 +120,27 @@ def test_summary_table_matches_the_tutorial(mnist_model):
     assert "(b, 16, 4, 4)" in rows["pool2"] and "(b, 256)" in rows["flatten"]
     assert "256->96" in rows["lin1"] and "96->10" in rows["lin2"]
     assert rows["total"].split()[-1] == "28,214"
-    from_run = run_cli("summary", "--model", str(mnist_model))
+    from_run = cli("summary", "--model", str(mnist_model))
     assert from_run.returncode == 0 and "28,214" in from_run.stdout
-    assert_one_line_error(run_cli("summary", "--model", "nonesuch"), "nonesuch: no such file or folder")
+    assert_one_line_error(cli("summary", "--model", "nonesuch"), "nonesuch: no such file or folder")
 
 
 def test_explain_a_user_image_and_a_test_image(mnist_model, mnist, tmp_path):
     image = tmp_path / "seven.png"
     on_paper(mnist["test"][0][0]).save(image)
-    result = run_cli("explain", "--model", str(mnist_model), str(image), "--output", str(tmp_path / "e.png"))
+    result = cli("explain", "--model", str(mnist_model), str(image), "--output", str(tmp_path / "e.png"))
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("predicted 7 (")
     picture = decode_png((tmp_path / "e.png").read_bytes())
     assert picture.width > 600
-    indexed = run_cli("explain", "--model", str(mnist_model), "--test-index", "1", cwd=tmp_path)
+    indexed = cli("explain", "--model", str(mnist_model), "--test-index", "1", cwd=tmp_path)
     assert indexed.returncode == 0 and (tmp_path / "test-1-explain.png").is_file()
-    assert_one_line_error(run_cli("explain", "--model", str(mnist_model), str(tmp_path / "none.png")),
+    assert_one_line_error(cli("explain", "--model", str(mnist_model), str(tmp_path / "none.png")),
                           "file not found")
-    assert_one_line_error(run_cli("explain", "--model", str(mnist_model), "--test-index", "10000"),
+    assert_one_line_error(cli("explain", "--model", str(mnist_model), "--test-index", "10000"),
                           "--test-index must be in 0..9999")
 
 
 @pytest.mark.parametrize("command", ["plot", "report"])
 def test_plot_and_report_of_a_non_run_are_errors(command, tmp_path):
-    assert_one_line_error(run_cli(command, str(tmp_path / "nothing")), "no such run folder")
+    assert_one_line_error(cli(command, str(tmp_path / "nothing")), "no such run folder")

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, cli
 from mnist_cnn.config import PRESETS, TrainConfig, resolve_train_config
 from mnist_cnn.train import learning_rate, random_shift, train
 
@@ -64,8 +64,8 @@ def test_presets_and_explicit_flags():
     fast = resolve_train_config("fast", {"epochs": 3})
     assert fast.preset == "fast" and fast.epochs == 3 and fast.lr == PRESETS["fast"]["lr"]
     assert resolve_train_config(None, {}) == TrainConfig()
-    seed = TrainConfig()
-    assert (seed.model, seed.lr, seed.batch_size, seed.epochs, seed.loss) == ("seed", 1e-4, 128, 20, "kl")
+    assert resolve_train_config("seed", {}) == TrainConfig(preset="seed")
+    assert resolve_train_config("fast", {"lr": None}).lr == PRESETS["fast"]["lr"]  # None: not given
 
 
 def test_train_writes_the_run_folder(tmp_path, small_data):
@@ -117,7 +117,7 @@ def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> No
 
 def test_resume_after_sigkill_at_random_moments_matches_an_uninterrupted_run(tmp_path, small_data):
     recipe = ["--epochs", "5", "--batch-size", "64", "--shift", "1", "--data-dir", str(small_data), *SMALL]
-    reference = run_cli("train", *recipe, "--run-dir", str(tmp_path / "reference"))
+    reference = cli("train", *recipe, "--run-dir", str(tmp_path / "reference"))
     assert reference.returncode == 0, reference.stderr
     run = tmp_path / "killed"
     process = _start(["train", *recipe, "--run-dir", str(run)])
@@ -143,12 +143,12 @@ def test_resume_after_sigkill_at_random_moments_matches_an_uninterrupted_run(tmp
 
 def test_resume_before_the_first_checkpoint_starts_over(tmp_path, small_data):
     run = tmp_path / "run"
-    first = run_cli("train", "--epochs", "1", "--data-dir", str(small_data), *SMALL, "--run-dir", str(run))
+    first = cli("train", "--epochs", "1", "--data-dir", str(small_data), *SMALL, "--run-dir", str(run))
     assert first.returncode == 0
     reference = weights(run)
     for name in ("checkpoint.pt", "model.safetensors", "model.json"):
         (run / name).unlink()
-    again = run_cli("train", "--resume", str(run), "--data-dir", str(small_data), "--no-progress")
+    again = cli("train", "--resume", str(run), "--data-dir", str(small_data), "--no-progress")
     assert again.returncode == 0, again.stderr
     assert "starting the run over" in again.stdout
     assert_same_weights(reference, weights(run))
@@ -157,7 +157,7 @@ def test_resume_before_the_first_checkpoint_starts_over(tmp_path, small_data):
 
 def test_ctrl_c_saves_mid_epoch_and_resume_matches(tmp_path, small_data):
     recipe = ["--epochs", "3", "--batch-size", "16", "--data-dir", str(small_data), *SMALL]
-    reference = run_cli("train", *recipe, "--run-dir", str(tmp_path / "reference"))
+    reference = cli("train", *recipe, "--run-dir", str(tmp_path / "reference"))
     assert reference.returncode == 0, reference.stderr
     run = tmp_path / "interrupted"
     process = _start(["train", *recipe, "--run-dir", str(run)])
@@ -170,7 +170,7 @@ def test_ctrl_c_saves_mid_epoch_and_resume_matches(tmp_path, small_data):
     assert f"continue with: mnist-cnn train --resume {run}" in out
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     assert 0 < state["step"] or state["epoch"] > 1
-    resumed = run_cli("train", "--resume", str(run), "--no-progress")
+    resumed = cli("train", "--resume", str(run), "--no-progress")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout
     assert_same_weights(weights(tmp_path / "reference"), weights(run))
@@ -178,10 +178,10 @@ def test_ctrl_c_saves_mid_epoch_and_resume_matches(tmp_path, small_data):
 
 def test_resume_of_a_finished_run_is_a_no_op(tmp_path, small_data):
     run = tmp_path / "run"
-    assert run_cli("train", "--epochs", "1", "--data-dir", str(small_data), *SMALL,
+    assert cli("train", "--epochs", "1", "--data-dir", str(small_data), *SMALL,
                    "--run-dir", str(run)).returncode == 0
     before = weights(run)
-    again = run_cli("train", "--resume", str(run), "--no-progress")
+    again = cli("train", "--resume", str(run), "--no-progress")
     assert again.returncode == 0, again.stderr
     assert_same_weights(before, weights(run))
 
@@ -189,17 +189,17 @@ def test_resume_of_a_finished_run_is_a_no_op(tmp_path, small_data):
 def test_an_existing_run_is_never_overwritten(tmp_path, small_data):
     run = tmp_path / "run"
     args = ["train", "--epochs", "1", "--data-dir", str(small_data), *SMALL, "--run-dir", str(run)]
-    assert run_cli(*args).returncode == 0
+    assert cli(*args).returncode == 0
     before = (run / "metrics.jsonl").read_text()
-    assert_one_line_error(run_cli(*args), "already holds a run", "--resume")
+    assert_one_line_error(cli(*args), "already holds a run", "--resume")
     assert (run / "metrics.jsonl").read_text() == before
 
 
 def test_bf16_autocast_trains_and_fp16_needs_cuda(tmp_path, small_data):
     result = train(small_config(precision="bf16", epochs=1), run_dir=tmp_path / "bf16",
-                   data_dir=str(small_data), progress=False, artifacts=False, log=lambda m: None)
+                   data_dir=str(small_data), progress=False, log=lambda m: None)
     assert result.completed and 0 < result.metrics[0]["test_accuracy"] <= 1
     if not torch.cuda.is_available():
-        assert_one_line_error(run_cli("train", "--precision", "fp16", "--run-dir", str(tmp_path / "fp16")),
+        assert_one_line_error(cli("train", "--precision", "fp16", "--run-dir", str(tmp_path / "fp16")),
                               "--precision fp16 needs a CUDA device")
         assert not (tmp_path / "fp16").exists()  # nothing left behind by a refused run

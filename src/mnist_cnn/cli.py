@@ -9,12 +9,24 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import MISSING
 from typing import Any, Callable, Sequence
 
 from mnist_cnn import MnistCnnError, __version__
-from mnist_cnn.config import DEVICES, LOSSES, PRECISIONS, PRESETS, SCHEDULES, TrainConfig
+from mnist_cnn.config import (
+    DEVICES,
+    FINITE,
+    PRESETS,
+    Check,
+    TrainConfig,
+    flag_name,
+    recipe_fields,
+)
 
 EXIT_USAGE = 2
+MODEL_HELP = ("a run folder, model.safetensors, checkpoint.pt, or a state_dict saved from the "
+              "tutorial's CNN_MNIST (default: the newest finished run under ./runs, else the "
+              "model shipped with mnist-cnn)")
 
 
 class Parser(argparse.ArgumentParser):
@@ -24,90 +36,109 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _number(kind: Callable[[str], Any], name: str, check: Callable[[Any], bool]):
+def value_parser(kind: Callable[[str], Any], check: Check | None) -> Callable[[str], Any]:
+    """An argparse `type` that converts with `kind` and applies the config field's check."""
+    description = check.description if check else kind.__name__
+
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {name}") from None
-        if not check(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {name}")
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {description}") from None
+        if kind is float and not -FINITE < value < FINITE or check is not None and not check(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {description}")
         return value
 
-    parse.__name__ = name
+    parse.__name__ = description
     return parse
 
 
-positive_int = _number(int, "positive integer", lambda v: v >= 1)
-non_negative_int = _number(int, "non-negative integer", lambda v: v >= 0)
-positive_float = _number(float, "positive number", lambda v: v > 0 and v != float("inf"))
-non_negative_float = _number(float, "non-negative number", lambda v: 0 <= v < float("inf"))
-fraction = _number(float, "fraction in [0, 1)", lambda v: 0 <= v < 1)
-
-DEFAULTS = TrainConfig()
+POSITIVE_INT = value_parser(int, Check("positive integer", lambda v: v >= 1))
+NON_NEGATIVE_INT = value_parser(int, Check("non-negative integer", lambda v: v >= 0))
 
 
-def _default(name: str) -> str:
-    return f" (default: {getattr(DEFAULTS, name)})"
+def add_recipe_flags(group) -> None:
+    """One flag per TrainConfig field, with its help, check and choices from the field.
+    Flags default to None ("not given") so a preset can fill what the user left out."""
+    for spec in recipe_fields():
+        kind = {"int": int, "float": float}.get(str(spec.type), str)
+        choices = spec.metadata.get("choices")
+        default = "" if spec.default is MISSING else f" (default: {spec.default})"
+        group.add_argument(flag_name(spec.name), dest=spec.name,
+                           type=value_parser(kind, spec.metadata.get("check")) if kind is not str else None,
+                           choices=choices if isinstance(choices, tuple) else None,
+                           help=spec.metadata["help"].replace("%", "%%") + default)
+
+
+def add_where_flags(p, *, dataset: bool = True, data_dir: bool = True, device: bool = True,
+                    dataset_help: str = "evaluate on another data set's test split (default: the model's)") -> None:
+    """--dataset / --data-dir / --device, the same on every command."""
+    if dataset:
+        p.add_argument("--dataset", help=dataset_help)
+    if data_dir:
+        p.add_argument("--data-dir", help="folder with the IDX files (raw or .gz, also DIR/<Name>/raw/); "
+                       "default: the model's own, $MNIST_CNN_DATA, the shipped copy, the cache, download")
+    if device:
+        p.add_argument("--device", choices=DEVICES, default="auto", help="(default: auto = cuda, mps, then cpu)")
+
+
+def add_model_flag(p, *, several: bool = False) -> None:
+    p.add_argument("--model", metavar="RUN_DIR_OR_MODEL", action="append" if several else "store",
+                   help=MODEL_HELP + ("; give several to use them as an ensemble" if several else ""))
+
+
+def chosen_model(value: str | None) -> str:
+    from mnist_cnn.runs import model_or_default
+
+    return str(model_or_default(value))
+
+
+def chosen_models(values: list[str] | None) -> list[str]:
+    return [chosen_model(value) for value in values] if values else [chosen_model(None)]
+
+
+# ---------------------------------------------------------------- train
 
 
 def add_train_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="train a model (the tutorial's recipe by default)",
         description="Train a CNN on MNIST (or another MNIST-format data set). Defaults are the "
-                    "tutorial's recipe; --preset fast reaches >= 99%% in seconds.")
-    config = p.add_argument_group("recipe (defaults: the tutorial's; a --preset replaces them, "
+                    "tutorial's recipe; --preset fast reaches >= 99% in seconds.")
+    recipe = p.add_argument_group("recipe (defaults: the tutorial's; a --preset replaces them, "
                                   "explicit flags win)")
-    config.add_argument("--preset", choices=sorted(PRESETS), help="a named recipe: seed (the "
-                        "defaults) or fast (>= 99%% test accuracy as quickly as we can)")
-    config.add_argument("--model", help="model name from the registry" + _default("model"))
-    config.add_argument("--dataset", help="mnist, fashion-mnist or custom" + _default("dataset"))
-    config.add_argument("--epochs", type=positive_int, help="passes over the training set" + _default("epochs"))
-    config.add_argument("--batch-size", type=positive_int, help="images per step" + _default("batch_size"))
-    config.add_argument("--lr", type=positive_float, help="Adam learning rate (the peak with onecycle)" + _default("lr"))
-    config.add_argument("--loss", choices=LOSSES, help="kl: KL(one-hot||prediction) summed over the "
-                        "batch, as the tutorial; ce: mean cross-entropy" + _default("loss"))
-    config.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule" + _default("schedule"))
-    config.add_argument("--warmup", type=fraction, help="onecycle: fraction of steps warming up" + _default("warmup"))
-    config.add_argument("--weight-decay", type=non_negative_float, help="decoupled weight decay" + _default("weight_decay"))
-    config.add_argument("--label-smoothing", type=fraction, help="ce only" + _default("label_smoothing"))
-    config.add_argument("--shift", type=non_negative_int, help="augment: random shifts of up to N pixels" + _default("shift"))
-    config.add_argument("--seed", type=non_negative_int, help="seeds init, shuffling, dropout" + _default("seed"))
-    config.add_argument("--eval-batch-size", type=positive_int, help="images per evaluation pass" + _default("eval_batch_size"))
-    config.add_argument("--precision", choices=PRECISIONS, help="autocast precision; fp16 needs CUDA" + _default("precision"))
+    recipe.add_argument("--preset", choices=sorted(PRESETS),
+                        help="a named recipe: " + ", ".join(sorted(PRESETS)))
+    add_recipe_flags(recipe)
     where = p.add_argument_group("where")
-    where.add_argument("--device", choices=DEVICES, default="auto", help="(default: auto = cuda, mps, then cpu)")
-    where.add_argument("--data-dir", help="folder with the four IDX files (raw or .gz, also "
-                       "DIR/MNIST/raw/); default: $MNIST_CNN_DATA, the shipped copy, the cache, download")
+    add_where_flags(where, dataset=False)
     where.add_argument("--run-dir", help="run folder to create (default: runs/<timestamp>)")
     where.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-report", action="store_true",
-                   help="skip the plots, galleries and report.html written at the end")
+                   help="skip the plots, galleries and report.html written after training")
     p.set_defaults(handler=cmd_train)
 
 
-RECIPE_FLAGS = ("preset", "model", "dataset", "epochs", "batch_size", "lr", "loss", "schedule",
-                "warmup", "weight_decay", "label_smoothing", "shift", "seed", "eval_batch_size",
-                "precision")
+def recipe_values(args: argparse.Namespace) -> dict[str, Any]:
+    names = ["preset", *(spec.name for spec in recipe_fields())]
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mnist_cnn.config import resolve_train_config
-    from mnist_cnn.train import EXIT_INTERRUPTED, train
+    from mnist_cnn.train import EXIT_INTERRUPTED, resume, train
 
-    given = {name: getattr(args, name) for name in RECIPE_FLAGS if getattr(args, name) is not None}
+    given = recipe_values(args)
+    options = dict(device=args.device, data_dir=args.data_dir, progress=not args.no_progress)
     if args.resume:
         if given or args.run_dir:
-            flags = ", ".join("--" + name.replace("_", "-") for name in [*given, *(["run_dir"] if args.run_dir else [])])
+            flags = ", ".join(flag_name(name) for name in [*given, *(["run_dir"] if args.run_dir else [])])
             raise MnistCnnError(f"--resume continues the saved recipe; drop {flags}")
-        result = train(resume=args.resume, device=args.device, data_dir=args.data_dir,
-                       progress=not args.no_progress, artifacts=not args.no_report)
+        result = resume(args.resume, **options)
     else:
         preset = given.pop("preset", None)
-        config = resolve_train_config(preset, given)
-        result = train(config, run_dir=args.run_dir, device=args.device, data_dir=args.data_dir,
-                       progress=not args.no_progress, artifacts=not args.no_report)
+        result = train(resolve_train_config(preset, given), run_dir=args.run_dir, **options)
     if not result.completed:
         return EXIT_INTERRUPTED
     if result.metrics:
@@ -116,22 +147,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"done: test accuracy {100 * last['test_accuracy']:.2f}% "
               f"({last['test_correct']}/{last['test_total']}) after {last['epoch']} "
               f"epoch{'s' if last['epoch'] != 1 else ''}, "
-              f"{total:.1f}s of training; model in {result.run_dir}/model.safetensors")
-        if not args.no_report:
-            print(f"report: {result.run_dir}/report.html")
+              f"{total:.1f}s of training; model in {result.run_dir}/model.safetensors", flush=True)
+    if not args.no_report:
+        from mnist_cnn.report import report_run
+
+        print(f"report: {report_run(result.run_dir, device=args.device, data_dir=args.data_dir)}")
     return 0
+
+
+# ---------------------------------------------------------------- evaluate, predict, show
 
 
 def add_evaluate_parser(subparsers) -> None:
     p = subparsers.add_parser("evaluate", help="exact accuracy, per-class figures, confusion matrix",
-                              description="Evaluate a trained model on its data set's test split.")
-    p.add_argument("model", metavar="RUN_DIR_OR_MODEL", help="a run folder, model.safetensors or checkpoint.pt")
+                              description="Evaluate a trained model (or an ensemble of several) on "
+                                          "its data set's test split.")
+    p.add_argument("source", nargs="?", metavar="RUN_DIR_OR_MODEL", help=MODEL_HELP)
+    add_model_flag(p, several=True)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--split", choices=("test", "train"), default="test", help="(default: test)")
-    p.add_argument("--dataset", help="evaluate on another data set (default: the model's)")
-    p.add_argument("--data-dir", help="folder with the IDX files (default: as for train)")
-    p.add_argument("--device", choices=DEVICES, default="auto", help="(default: auto)")
-    p.add_argument("--batch-size", type=positive_int, default=1000, help="(default: 1000)")
+    add_where_flags(p)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=1000, help="(default: 1000)")
     p.set_defaults(handler=cmd_evaluate)
 
 
@@ -139,12 +175,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from mnist_cnn.data import get_spec
     from mnist_cnn.evaluate import evaluate_model, format_report
 
-    report = evaluate_model(args.model, data_dir=args.data_dir, dataset=args.dataset,
-                            split=args.split, device=args.device, batch_size=args.batch_size)
+    sources = chosen_models(([args.source] if args.source else []) + (args.model or []) or None)
+    options = dict(data_dir=args.data_dir, dataset=args.dataset, split=args.split,
+                   device=args.device, batch_size=args.batch_size)
+    if len(sources) > 1:
+        from mnist_cnn.evaluate import evaluate_ensemble, format_ensemble
+
+        report = evaluate_ensemble(sources, **options)
+        print(json.dumps(report) if args.json else format_ensemble(report))
+        return 0
+    report = evaluate_model(sources[0], **options)
     if args.json:
         print(json.dumps(report))
     else:
-        title = f"{args.model} on {get_spec(report['dataset']).title} {report['split']} split"
+        title = f"{sources[0]} on {get_spec(report['dataset']).title} {report['split']} split"
         print(format_report(report, title=title))
     return 0
 
@@ -153,24 +197,26 @@ def add_predict_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "predict", help="predict the digit in your own images",
         description="Predict the digit in each image (PNG, JPEG, BMP, GIF, WebP, TIFF; folders are "
-                    "expanded). Images are normalised as MNIST's digits were: inverted if dark on "
-                    "light, cropped, fitted into 20x20, centred by centre of mass in 28x28. "
+                    "expanded; - reads one image from standard input). Images are normalised as "
+                    "MNIST's digits were: inverted if dark on light, cropped, fitted into 20x20, "
+                    "centred by centre of mass in 28x28. "
                     "Exit status: 0 all predicted, 1 some image failed, 2 usage error.")
-    p.add_argument("--model", required=True, metavar="RUN_DIR_OR_MODEL",
-                   help="a run folder, model.safetensors, checkpoint.pt (or .onnx with --backend onnxruntime)")
+    add_model_flag(p, several=True)
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
-    p.add_argument("--top", type=positive_int, default=1, metavar="K", help="show the K most likely classes (default: 1)")
+    p.add_argument("--top", type=POSITIVE_INT, default=1, metavar="K", help="show the K most likely classes (default: 1)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--save-preprocessed", metavar="DIR", help="write the 28x28 image the model saw to DIR")
-    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch", help="(default: torch)")
-    p.add_argument("--device", choices=DEVICES, default="auto", help="(default: auto)")
+    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+                   help="torch, or onnxruntime on the model.onnx made by mnist-cnn export "
+                        "(no torch import at all) (default: torch)")
+    add_where_flags(p, dataset=False, data_dir=False)
     p.set_defaults(handler=cmd_predict)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from mnist_cnn.predict import make_predictor, predict_files
 
-    predictor = make_predictor(args.model, backend=args.backend, device=args.device)
+    predictor = make_predictor(chosen_models(args.model), backend=args.backend, device=args.device)
     results = predict_files(predictor, args.images, save_preprocessed=args.save_preprocessed)
     for result in results:
         if args.json:
@@ -180,46 +226,38 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if any(result.error for result in results) else 0
 
 
-def _data_flags(p) -> None:
-    p.add_argument("--dataset", help="use another data set's test split (default: the model's)")
-    p.add_argument("--data-dir", help="folder with the IDX files (default: as for train)")
-    p.add_argument("--device", choices=DEVICES, default="auto", help="(default: auto)")
-
-
 def add_show_parser(subparsers) -> None:
     p = subparsers.add_parser("show", help="a grid of test images with true and predicted labels",
                               description="Draw test images with their true and predicted labels; "
                                           "mistakes are framed in red.")
-    p.add_argument("--model", required=True, metavar="RUN_DIR_OR_MODEL")
+    add_model_flag(p)
     p.add_argument("--misclassified", action="store_true", help="only the mistakes, most confident first")
-    p.add_argument("--count", type=positive_int, default=36, metavar="N", help="images to draw (default: 36)")
+    p.add_argument("--count", type=POSITIVE_INT, default=36, metavar="N", help="images to draw (default: 36)")
     p.add_argument("--output", metavar="FILE.png",
                    help="(default: samples.png or misclassified.png beside the model)")
-    _data_flags(p)
+    add_where_flags(p)
     p.set_defaults(handler=cmd_show)
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     from mnist_cnn.report import show
 
-    path, count = show(args.model, misclassified=args.misclassified, count=args.count,
+    path, count = show(chosen_model(args.model), misclassified=args.misclassified, count=args.count,
                        output=args.output, device=args.device, data_dir=args.data_dir,
                        dataset=args.dataset)
     print(f"wrote {path} ({count} images)")
     return 0
 
 
-def _run_flags(p) -> None:
+# ---------------------------------------------------------------- pictures of a run
+
+
+def add_run_parser(subparsers, name: str, *, help: str, description: str, handler) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(name, help=help, description=description)
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--data-dir", help="folder with the IDX files (default: the run's)")
-    p.add_argument("--device", choices=DEVICES, default="auto", help="(default: auto)")
-
-
-def add_plot_parser(subparsers) -> None:
-    p = subparsers.add_parser("plot", help="learning curves, confusion matrix, per-class accuracy (PNG)",
-                              description="(Re)draw a run's plots into its folder.")
-    _run_flags(p)
-    p.set_defaults(handler=cmd_plot)
+    add_where_flags(p, dataset=False)
+    p.set_defaults(handler=handler)
+    return p
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -228,15 +266,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
     for path in plot_run(args.run_dir, device=args.device, data_dir=args.data_dir):
         print(f"wrote {path}")
     return 0
-
-
-def add_report_parser(subparsers) -> None:
-    p = subparsers.add_parser("report", help="one self-contained HTML report of a run",
-                              description="Write RUN_DIR/report.html: config, final metrics, plots "
-                                          "and the misclassified gallery, images embedded.")
-    _run_flags(p)
-    p.add_argument("--output", metavar="FILE.html", help="(default: RUN_DIR/report.html)")
-    p.set_defaults(handler=cmd_report)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -252,10 +281,16 @@ def add_summary_parser(subparsers) -> None:
                                           "shape and parameters, measured on the model itself.")
     p.add_argument("--model", default="seed", metavar="NAME_OR_RUN",
                    help="a registered model name or a trained model (default: seed)")
+    p.add_argument("--list", action="store_true", help="list the registered model names")
     p.set_defaults(handler=cmd_summary)
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
+    if args.list:
+        from mnist_cnn.model import MODELS
+
+        print("\n".join(MODELS))
+        return 0
     from mnist_cnn.explain import summary
 
     print(summary(args.model))
@@ -267,20 +302,19 @@ def add_explain_parser(subparsers) -> None:
                               description="Draw what the model sees: the preprocessed input, the "
                                           "feature maps after each convolution, and a saliency map "
                                           "for the predicted class.")
-    p.add_argument("--model", required=True, metavar="RUN_DIR_OR_MODEL")
+    add_model_flag(p)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("image", nargs="?", metavar="IMAGE")
-    source.add_argument("--test-index", type=non_negative_int, metavar="N", help="explain test image N instead")
+    source.add_argument("--test-index", type=NON_NEGATIVE_INT, metavar="N", help="explain test image N instead")
     p.add_argument("--output", metavar="FILE.png", help="(default: IMAGE-explain.png in the current folder)")
-    p.add_argument("--data-dir", help="folder with the IDX files (for --test-index)")
-    p.add_argument("--device", choices=DEVICES, default="auto", help="(default: auto)")
+    add_where_flags(p, dataset=False)
     p.set_defaults(handler=cmd_explain)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from mnist_cnn.explain import explain
 
-    path, explanation = explain(args.model, image=args.image, test_index=args.test_index,
+    path, explanation = explain(chosen_model(args.model), image=args.image, test_index=args.test_index,
                                 output=args.output, device=args.device, data_dir=args.data_dir)
     print(f"predicted {explanation.predicted} "
           f"({100 * explanation.probabilities[explanation.predicted]:.2f}%); wrote {path}")
@@ -293,7 +327,7 @@ def add_export_parser(subparsers) -> None:
         description="Export a trained model. The exported model takes float32 images (N, 1, 28, 28) "
                     "in [0, 1] (MNIST-normalised, white on black) with a dynamic batch size N and "
                     "returns (N, 10) probabilities.")
-    p.add_argument("--model", required=True, metavar="RUN_DIR_OR_MODEL")
+    add_model_flag(p)
     p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="(default: onnx)")
     p.add_argument("--output", metavar="PATH",
                    help="(default: model.onnx or model.torchscript.pt beside the model)")
@@ -303,8 +337,7 @@ def add_export_parser(subparsers) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     from mnist_cnn.export import export_model
 
-    path = export_model(args.model, format=args.format, output=args.output)
-    print(f"wrote {path}")
+    print(f"wrote {export_model(chosen_model(args.model), format=args.format, output=args.output)}")
     return 0
 
 
@@ -317,11 +350,19 @@ def build_parser() -> Parser:
     add_evaluate_parser(subparsers)
     add_predict_parser(subparsers)
     add_show_parser(subparsers)
-    add_plot_parser(subparsers)
-    add_report_parser(subparsers)
+    add_run_parser(subparsers, "plot", help="learning curves, confusion matrix, per-class accuracy (PNG)",
+                   description="(Re)draw a run's plots into its folder.", handler=cmd_plot)
+    add_run_parser(subparsers, "report", help="one self-contained HTML report of a run (and its pictures)",
+                   description="Write RUN_DIR/report.html (config, final metrics, plots, the "
+                               "misclassified gallery, images embedded) with the plots, summary.txt "
+                               "and explain.png.", handler=cmd_report,
+                   ).add_argument("--output", metavar="FILE.html", help="(default: RUN_DIR/report.html)")
     add_summary_parser(subparsers)
     add_explain_parser(subparsers)
     add_export_parser(subparsers)
+    from mnist_cnn.serve.command import add_serve_parser  # flags only: nothing heavy imported
+
+    add_serve_parser(subparsers)
     return parser
 
 

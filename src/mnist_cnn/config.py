@@ -1,10 +1,16 @@
-"""Typed configs for the commands (no torch import here: `mnist-cnn --help` stays instant)."""
+"""Typed configs for the commands (no torch import here: `mnist-cnn --help` stays instant).
+
+Each recipe field carries its flag's help and its check in `dataclasses.field(metadata=...)`:
+the CLI builds `mnist-cnn train`'s flags from them and `validate_train_config` applies the
+same checks to configs made in Python, so a new hyper-parameter is one edit here.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
-from typing import Any
+import importlib
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable
 
 from mnist_cnn import MnistCnnError
 
@@ -14,6 +20,47 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
+@dataclass(frozen=True)
+class Check:
+    """A named test of one value, e.g. 'positive integer'."""
+
+    description: str
+    test: Callable[[Any], bool]
+
+    def __call__(self, value: Any) -> bool:
+        return self.test(value)
+
+
+FINITE = float("inf")
+POSITIVE_INT = Check("positive integer", lambda v: v >= 1)
+NON_NEGATIVE_INT = Check("non-negative integer", lambda v: v >= 0)
+POSITIVE_NUMBER = Check("positive number", lambda v: 0 < v < FINITE)
+NON_NEGATIVE_NUMBER = Check("non-negative number", lambda v: 0 <= v < FINITE)
+FRACTION = Check("fraction in [0, 1)", lambda v: 0 <= v < 1)
+
+
+@dataclass(frozen=True)
+class Registry:
+    """Names registered in another module, looked up only when a value is checked (the
+    model registry lives beside torch; importing it for --help would cost a second)."""
+
+    module: str
+    attribute: str
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(getattr(importlib.import_module(self.module), self.attribute))
+
+
+def option(default: Any, help: str, *, check: Check | None = None,
+           choices: tuple[str, ...] | Registry | None = None, flag: bool = True) -> Any:
+    """A config field with its command-line flag's help and validation."""
+    return field(default=default, metadata={"help": help, "check": check, "choices": choices, "flag": flag})
+
+
+MODEL_NAMES = Registry("mnist_cnn.model", "MODELS")
+DATASET_NAMES = Registry("mnist_cnn.data", "DATASETS")
+
+
 @dataclass
 class TrainConfig:
     """Everything that decides a training run; saved in config.json and in every checkpoint.
@@ -21,21 +68,28 @@ class TrainConfig:
     The defaults are the tutorial's recipe.
     """
 
-    model: str = "seed"  # a name from mnist_cnn.model.MODELS
-    dataset: str = "mnist"  # a name from mnist_cnn.data.DATASETS
-    epochs: int = 20
-    batch_size: int = 128  # images per optimizer step
-    lr: float = 1e-4  # Adam learning rate (the peak, under the onecycle schedule)
-    loss: str = "kl"  # kl: KL(one-hot || softmax) summed over the batch, as the tutorial; ce: mean cross-entropy
-    schedule: str = "constant"  # constant | onecycle (linear warm-up, then linear decay to 0)
-    warmup: float = 0.2  # onecycle: fraction of all steps spent warming up
-    weight_decay: float = 0.0  # decoupled (AdamW-style); 0 is plain Adam
-    label_smoothing: float = 0.0  # ce only
-    shift: int = 0  # augmentation: random translation of up to this many pixels (0 = off)
-    seed: int = 0  # seeds initialisation, shuffling and dropout
-    eval_batch_size: int = 1000  # images per forward pass when evaluating
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 with a gradient scaler; CUDA)
-    preset: str | None = None  # the named recipe these values came from, if any
+    model: str = option("seed", "model architecture from the registry (mnist-cnn summary --list)",
+                        choices=MODEL_NAMES)
+    dataset: str = option("mnist", "mnist, fashion-mnist, kmnist, qmnist or custom (your own IDX files)",
+                          choices=DATASET_NAMES)
+    epochs: int = option(20, "passes over the training set", check=POSITIVE_INT)
+    batch_size: int = option(128, "images per optimizer step, over all processes", check=POSITIVE_INT)
+    lr: float = option(1e-4, "Adam learning rate (the peak with onecycle)", check=POSITIVE_NUMBER)
+    loss: str = option("kl", "kl: KL(one-hot||prediction) summed over the batch, as the tutorial; "
+                       "ce: mean cross-entropy", choices=LOSSES)
+    schedule: str = option("constant", "learning-rate schedule: constant, or onecycle (linear "
+                           "warm-up, then linear decay to 0)", choices=SCHEDULES)
+    warmup: float = option(0.2, "onecycle: fraction of all steps spent warming up", check=FRACTION)
+    weight_decay: float = option(0.0, "decoupled (AdamW-style) weight decay; 0 is plain Adam",
+                                 check=NON_NEGATIVE_NUMBER)
+    label_smoothing: float = option(0.0, "label smoothing (ce only)", check=FRACTION)
+    shift: int = option(0, "augment: random translations of up to N pixels (0 = off)",
+                        check=Check("shift of 0 to 8 pixels", lambda v: 0 <= v <= 8))
+    seed: int = option(0, "seeds initialisation, shuffling, dropout and augmentation",
+                       check=NON_NEGATIVE_INT)
+    eval_batch_size: int = option(1000, "images per forward pass when evaluating", check=POSITIVE_INT)
+    precision: str = option("fp32", "autocast precision (fp16 needs CUDA)", choices=PRECISIONS)
+    preset: str | None = option(None, "the named recipe these values came from", flag=False)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -44,6 +98,15 @@ class TrainConfig:
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{key: value for key, value in values.items() if key in known})
+
+
+def recipe_fields() -> list[dataclasses.Field]:
+    """The TrainConfig fields that are command-line flags, in declaration order."""
+    return [f for f in fields(TrainConfig) if f.metadata.get("flag", True)]
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 # Named recipes: values that replace the defaults; explicit flags still win.
@@ -69,28 +132,40 @@ def resolve_train_config(preset: str | None, overrides: dict[str, Any]) -> Train
     """Defaults, then the preset's values, then explicit overrides (None = not given)."""
     values: dict[str, Any] = {}
     if preset is not None:
+        if preset not in PRESETS:
+            raise MnistCnnError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
         values.update(PRESETS[preset])
         values["preset"] = preset
     values.update({key: value for key, value in overrides.items() if value is not None})
     return TrainConfig.from_dict(values)
 
 
-def validate_train_config(config: TrainConfig) -> None:
-    """Reject values no run can use, with the flag's name in the message."""
-    checks = [
-        (config.epochs >= 1, "--epochs must be at least 1"),
-        (config.batch_size >= 1, "--batch-size must be at least 1"),
-        (config.eval_batch_size >= 1, "--eval-batch-size must be at least 1"),
-        (config.lr > 0, "--lr must be positive"),
-        (config.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}"),
-        (config.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}"),
-        (0 <= config.warmup < 1, "--warmup must be in [0, 1)"),
-        (config.weight_decay >= 0, "--weight-decay must be >= 0"),
-        (0 <= config.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
-        (config.label_smoothing == 0 or config.loss == "ce", "--label-smoothing needs --loss ce"),
-        (0 <= config.shift <= 8, "--shift must be between 0 and 8 pixels"),
-        (config.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
-    ]
-    for ok, message in checks:
+def check_value(name: str, value: Any, metadata: dict[str, Any]) -> str | None:
+    """Why `value` is not allowed for field `name`, or None when it is."""
+    choices = metadata.get("choices")
+    if isinstance(choices, Registry):
+        choices = choices.names()
+        if value not in choices:
+            return f"unknown {name} {value!r}; choose one of: {', '.join(choices)}"
+    if choices is not None and value not in choices:
+        return f"{flag_name(name)}: {value!r} is not one of {', '.join(choices)}"
+    check = metadata.get("check")
+    if check is not None:
+        try:
+            ok = check(value)
+        except TypeError:
+            ok = False
         if not ok:
-            raise MnistCnnError(message)
+            return f"{flag_name(name)}: {value!r} is not a valid {check.description}"
+    return None
+
+
+def validate_train_config(config: TrainConfig) -> None:
+    """Reject values no run can use, with the flag's name in the message: the same checks
+    as the command line's, for configs made in Python or read back from a run folder."""
+    for spec in recipe_fields():
+        problem = check_value(spec.name, getattr(config, spec.name), dict(spec.metadata))
+        if problem:
+            raise MnistCnnError(problem)
+    if config.label_smoothing and config.loss != "ce":
+        raise MnistCnnError("--label-smoothing needs --loss ce")

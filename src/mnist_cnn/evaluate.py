@@ -122,22 +122,70 @@ def format_report(report: dict[str, Any], *, title: str) -> str:
     return "\n".join(lines)
 
 
-def evaluate_model(path: str | Path, *, data_dir: str | None = None, dataset: str | None = None,
-                   split: str = "test", device: str = "auto", batch_size: int = 1000) -> dict[str, Any]:
-    """Load a trained model and evaluate it on a split of its data set (or `dataset`)."""
-    from mnist_cnn.checkpoint import load_model, saved_data_dir
-    from mnist_cnn.data import get_spec, load_dataset
+def evaluate_model(source: str | Path | None = None, *, data_dir: str | None = None,
+                   dataset: str | None = None, split: str = "test", device: str = "auto",
+                   batch_size: int = 1000) -> dict[str, Any]:
+    """Evaluate a trained model (see mnist_cnn.runs.open_model; by default the newest run
+    under ./runs, else the shipped model) on a split of its data set (or `dataset`): the
+    document `mnist-cnn evaluate --json` prints, accuracy exactly correct / total."""
+    from mnist_cnn.data import get_spec
+    from mnist_cnn.runs import load_split_for, model_or_default, open_model
     from mnist_cnn.runtime import resolve_device
 
     target = resolve_device(device)
-    model, config = load_model(path, device=target)
-    name = dataset or config.dataset
-    if dataset is None or dataset == config.dataset:
-        data_dir = data_dir or saved_data_dir(path)
-    data = load_dataset(name, data_dir, splits=(split,), device=target)
+    source = model_or_default(source)
+    loaded = open_model(source, device=target)
+    name, _ = loaded.data_source(dataset, data_dir)
+    data = load_split_for(loaded, split=split, dataset=dataset, data_dir=data_dir, device=target)
     classes = get_spec(name).classes
-    evaluation = evaluate(model, data[split], loss=config.loss, batch_size=batch_size,
+    evaluation = evaluate(loaded.model, data, loss=loaded.config.loss, batch_size=batch_size,
                           num_classes=len(classes))
     report = evaluation_report(evaluation, classes)
-    report.update({"model": str(path), "dataset": name, "split": split})
+    report.update({"model": str(source), "dataset": name, "split": split})
     return report
+
+
+def evaluate_ensemble(sources: list[str | Path], *, data_dir: str | None = None, dataset: str | None = None,
+                      split: str = "test", device: str = "auto", batch_size: int = 1000) -> dict[str, Any]:
+    """Each model's exact accuracy, and the ensemble's: the argmax of the members' mean
+    probabilities. The members must predict the same classes."""
+    from mnist_cnn import MnistCnnError
+    from mnist_cnn.data import get_spec
+    from mnist_cnn.runs import load_split_for, open_model
+    from mnist_cnn.runtime import resolve_device
+
+    target = resolve_device(device)
+    members, mean_probabilities, data, name = [], None, None, None
+    for source in sources:
+        loaded = open_model(source, device=target)
+        member_name, _ = loaded.data_source(dataset, data_dir)
+        if name is not None and member_name != name:
+            raise MnistCnnError(f"{source} is a {member_name} model, the others {name}; "
+                                "an ensemble is evaluated on one data set (pass --dataset)")
+        if data is None:
+            name = member_name
+            data = load_split_for(loaded, split=split, dataset=dataset, data_dir=data_dir, device=target)
+        logits = split_logits(loaded.model, data, batch_size=batch_size)
+        evaluation = evaluation_from_logits(logits, data.labels, loss=loaded.config.loss,
+                                            num_classes=len(get_spec(name).classes), batch_size=batch_size)
+        members.append({"model": str(source), "accuracy": evaluation.accuracy,
+                        "correct": evaluation.correct, "total": evaluation.total})
+        probabilities = torch.softmax(logits, dim=1).double()
+        mean_probabilities = probabilities if mean_probabilities is None else mean_probabilities + probabilities
+    classes = get_spec(name).classes
+    mean_probabilities = mean_probabilities / len(sources)
+    # The mean probability as the ensemble's prediction; its log gives a comparable loss.
+    ensemble = evaluation_from_logits(mean_probabilities.clamp_min(1e-30).log().float(), data.labels,
+                                      loss="ce", num_classes=len(classes), batch_size=batch_size)
+    report = evaluation_report(ensemble, classes)
+    report.update({"models": [str(s) for s in sources], "members": members, "dataset": name, "split": split})
+    return report
+
+
+def format_ensemble(report: dict[str, Any]) -> str:
+    lines = [f"ensemble of {len(report['members'])} models on {report['dataset']} {report['split']} split"]
+    for member in report["members"]:
+        lines.append(f"  {100 * member['accuracy']:6.2f}% ({member['correct']}/{member['total']})  {member['model']}")
+    lines.append(f"  {100 * report['accuracy']:6.2f}% ({report['correct']}/{report['total']})  ensemble "
+                 "(mean of the probabilities)")
+    return "\n".join(lines)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mnist_cnn.data import IMAGE_SIZE, get_spec, scale
+from mnist_cnn.data import IMAGE_SIZE, scale
 from mnist_cnn.model import MODELS, build_model, count_parameters
 
 
@@ -84,10 +84,10 @@ def summary(model: str | Path = "seed") -> str:
     """The layer table of a registered model name, a run folder or a model file."""
     if str(model) in MODELS:
         return format_summary(build_model(str(model)), f"model {model!r}")
-    from mnist_cnn.checkpoint import load_model
+    from mnist_cnn.runs import open_model
 
-    loaded, config = load_model(model, device="cpu")
-    return format_summary(loaded, f"model {config.model!r} from {model}")
+    loaded = open_model(model, device="cpu")
+    return format_summary(loaded.model, f"model {loaded.config.model!r} from {model}")
 
 
 @dataclass
@@ -167,30 +167,27 @@ def explanation_figure(explanation: Explanation, classes: tuple[str, ...], path:
     return path
 
 
-def explain(model_path: str | Path, *, image: str | Path | None = None, test_index: int | None = None,
+def explain(source: str | Path, *, image: str | Path | None = None, test_index: int | None = None,
             output: str | Path | None = None, device: str = "auto", data_dir: str | None = None) -> tuple[Path, Explanation]:
     """Explain one user image (preprocessed as for predict) or one test image by index."""
-    from mnist_cnn.checkpoint import load_model, saved_data_dir
+    from mnist_cnn import MnistCnnError
     from mnist_cnn.preprocess import preprocess_file
+    from mnist_cnn.runs import load_split_for, open_model
     from mnist_cnn.runtime import resolve_device
 
     target = resolve_device(device)
-    model, config = load_model(model_path, device=target)
-    classes = get_spec(config.dataset).classes
+    loaded = open_model(source, device=target)
     if image is not None:
         digit, label = preprocess_file(image), Path(image).name
         default = Path(f"{Path(image).stem}-explain.png")
     else:
-        from mnist_cnn import MnistCnnError
-        from mnist_cnn.data import load_dataset
-
-        test = load_dataset(config.dataset, data_dir or saved_data_dir(model_path), splits=("test",))["test"]
-        if not 0 <= (test_index or 0) < len(test):
-            raise MnistCnnError(f"--test-index must be in 0..{len(test) - 1}")
+        test = load_split_for(loaded, data_dir=data_dir)
         index = test_index or 0
+        if not 0 <= index < len(test):
+            raise MnistCnnError(f"--test-index must be in 0..{len(test) - 1}")
         digit = test.images[index, 0].numpy()
-        label = f"test image #{index} (true: {classes[int(test.labels[index])]})"
+        label = f"test image #{index} (true: {loaded.classes[int(test.labels[index])]})"
         default = Path(f"test-{index}-explain.png")
-    explanation = explain_digit(model, digit)
-    path = explanation_figure(explanation, classes, Path(output) if output else default, title=label)
+    explanation = explain_digit(loaded.model, digit)
+    path = explanation_figure(explanation, loaded.classes, Path(output) if output else default, title=label)
     return path, explanation

@@ -14,16 +14,15 @@ import logging
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from mnist_cnn import MnistCnnError, __version__
-from mnist_cnn.checkpoint import CheckpointError, load_model
+from mnist_cnn import runs
 from mnist_cnn.data import get_spec
 
 FORMATS = ("onnx", "torchscript")
-DEFAULT_NAMES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+DEFAULT_NAMES = {"onnx": runs.ONNX_FILE, "torchscript": runs.TORCHSCRIPT_FILE}
 INPUT_NAME, OUTPUT_NAME = "image", "probabilities"
 OPSET = 18
 
@@ -39,10 +38,10 @@ class ProbabilityModel(nn.Module):
         return torch.softmax(self.model(image), dim=1)
 
 
-def _servable(model_path: str | Path):
-    model, config = load_model(model_path, device="cpu")
-    model = model.to(memory_format=torch.contiguous_format)  # exporters want the plain layout
-    return ProbabilityModel(model).eval(), config
+def _servable(source: str | Path):
+    loaded = runs.open_model(source, device="cpu")
+    model = loaded.model.to(memory_format=torch.contiguous_format)  # exporters want the plain layout
+    return ProbabilityModel(model).eval(), loaded.config
 
 
 def export_onnx(wrapper: nn.Module, config, path: Path) -> Path:
@@ -103,8 +102,7 @@ def export_model(model_path: str | Path, *, format: str = "onnx", output: str | 
         raise MnistCnnError(f"unknown format {format!r}; choose one of: {', '.join(FORMATS)}")
     wrapper, config = _servable(model_path)
     if output is None:
-        folder = Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent
-        output = folder / DEFAULT_NAMES[format]
+        output = runs.model_folder(model_path) / DEFAULT_NAMES[format]
     output = Path(output)
     if not output.parent.is_dir():
         raise MnistCnnError(f"--output {output}: folder {output.parent} does not exist")
@@ -115,51 +113,3 @@ def export_model(model_path: str | Path, *, format: str = "onnx", output: str | 
     finally:
         temporary.unlink(missing_ok=True)
     return output
-
-
-def resolve_onnx_path(path: str | Path) -> Path:
-    path = Path(path)
-    if path.is_dir():
-        if (path / DEFAULT_NAMES["onnx"]).is_file():
-            return path / DEFAULT_NAMES["onnx"]
-        raise CheckpointError(f"{path}: no {DEFAULT_NAMES['onnx']} here; create it with "
-                              f"mnist-cnn export --model {path} --format onnx")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file or folder")
-    return path
-
-
-class OnnxPredictor:
-    """An exported model under ONNX Runtime, with the same interface as TorchPredictor."""
-
-    def __init__(self, model_path: str | Path, *, threads: int | None = None):
-        try:
-            import onnxruntime
-        except ImportError:
-            raise MnistCnnError("--backend onnxruntime needs onnxruntime: pip install 'mnist-cnn[onnx]'") from None
-        path = resolve_onnx_path(model_path)
-        options = onnxruntime.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-        try:
-            self.session = onnxruntime.InferenceSession(str(path), options,
-                                                        providers=["CPUExecutionProvider"])
-        except Exception as error:  # onnxruntime raises its own exception types
-            raise CheckpointError(f"{path}: not a loadable ONNX model "
-                                  f"({str(error).strip().splitlines()[0][:200]})") from None
-        metadata = self.session.get_modelmeta().custom_metadata_map
-        try:
-            self.classes = tuple(json.loads(metadata["classes"]))
-        except (KeyError, ValueError):
-            self.classes = tuple(str(i) for i in range(self.session.get_outputs()[0].shape[1]))
-        self.input_name = self.session.get_inputs()[0].name
-
-    def run(self, x: np.ndarray) -> np.ndarray:
-        """float32 (N, 1, 28, 28) in [0, 1] → (N, classes) probabilities."""
-        return self.session.run(None, {self.input_name: x})[0]
-
-    def probabilities(self, digits: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-        outputs = [self.run((digits[start:start + batch_size, None] / np.float32(255)).astype(np.float32))
-                   for start in range(0, len(digits), batch_size)]
-        return np.concatenate(outputs) if outputs else np.zeros((0, len(self.classes)), np.float32)

@@ -6,7 +6,6 @@ Pillow, which is faster for hundreds of small images.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,13 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from mnist_cnn import MnistCnnError
 
-LEARNING_CURVES = "learning_curves.png"
-CONFUSION_MATRIX = "confusion_matrix.png"
-PER_CLASS = "per_class_accuracy.png"
-MISCLASSIFIED = "misclassified.png"
-SAMPLES = "samples.png"
 MISTAKE_COLOR = (220, 30, 30)
 
 
@@ -31,21 +24,6 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        raise MnistCnnError(f"{run_dir}: no metrics.jsonl (is it a run folder of mnist-cnn train?)") from None
-    records = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            raise MnistCnnError(f"{path}:{number}: not valid JSON") from None
-    return records
 
 
 def learning_curves(metrics: list[dict[str, Any]], path: Path) -> Path:

@@ -2,49 +2,174 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from mnist_cnn import MnistCnnError
-from mnist_cnn.data import get_spec, scale
+from mnist_cnn.data import IMAGE_SIZE, scale_array
 from mnist_cnn.preprocess import ImageError, expand_paths, preprocess_file, to_image
+from mnist_cnn.runs import ONNX_FILE, CheckpointError, model_folder
 
 BACKENDS = ("torch", "onnxruntime")
 
 
 class TorchPredictor:
-    """A trained model (run folder, model.safetensors or checkpoint.pt) in eval mode."""
+    """A trained model (run folder, model.safetensors, checkpoint.pt or tutorial weights)
+    in eval mode."""
 
-    def __init__(self, model_path: str | Path, *, device: str = "auto"):
-        from mnist_cnn.checkpoint import load_model
+    backend = "torch"
+
+    def __init__(self, source: str | Path, *, device: str = "auto"):
+        from mnist_cnn.runs import open_model
         from mnist_cnn.runtime import resolve_device
 
         self.device = resolve_device(device)
-        self.model, self.config = load_model(model_path, device=self.device)
-        self.classes = get_spec(self.config.dataset).classes
+        loaded = open_model(source, device=self.device)
+        self.model, self.config, self.path, self.info = loaded.model, loaded.config, loaded.path, loaded.info
+        self.classes = loaded.classes
 
     def probabilities(self, digits: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         """uint8 (N, 28, 28) → float32 (N, classes) softmax probabilities."""
+        import torch
+
         outputs = []
         with torch.inference_mode():
             for start in range(0, len(digits), batch_size):
-                x = torch.from_numpy(np.ascontiguousarray(digits[start:start + batch_size]))
-                x = scale(x.to(self.device).unsqueeze(1))
-                outputs.append(torch.softmax(self.model(x).float(), dim=1).cpu())
+                x = torch.from_numpy(scale_array(digits[start:start + batch_size])[:, None])
+                outputs.append(torch.softmax(self.model(x.to(self.device)).float(), dim=1).cpu())
         return torch.cat(outputs).numpy() if outputs else np.zeros((0, len(self.classes)), np.float32)
 
+    def describe(self) -> dict[str, Any]:
+        return _description(self, parameters=sum(p.numel() for p in self.model.parameters()))
 
-def make_predictor(model_path: str | Path, *, backend: str = "torch", device: str = "auto"):
+
+def resolve_onnx_path(source: str | Path) -> Path:
+    """A run folder → its model.onnx (made by `mnist-cnn export`); a file as is."""
+    path = Path(source)
+    if path.is_dir():
+        if (path / ONNX_FILE).is_file():
+            return path / ONNX_FILE
+        raise CheckpointError(f"{path}: no {ONNX_FILE} here; create it with "
+                              f"mnist-cnn export --model {path} --format onnx")
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.suffix != ".onnx" and (path.parent / ONNX_FILE).is_file():
+        return path.parent / ONNX_FILE  # model.safetensors given: its exported sibling
+    return path
+
+
+class OnnxPredictor:
+    """An exported model under ONNX Runtime: no torch import anywhere on this path."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, source: str | Path, *, threads: int | None = None):
+        from mnist_cnn.config import TrainConfig
+        from mnist_cnn.fileio import require_regular_file
+
+        try:
+            import onnxruntime
+        except ImportError:
+            raise MnistCnnError("--backend onnxruntime needs onnxruntime: pip install 'mnist-cnn[onnx]'") from None
+        self.path = require_regular_file(resolve_onnx_path(source), error=CheckpointError)
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = onnxruntime.InferenceSession(str(self.path), options,
+                                                        providers=["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime raises its own exception types
+            raise CheckpointError(f"{self.path}: not a loadable ONNX model "
+                                  f"({str(error).strip().splitlines()[0][:200]})") from None
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        try:
+            self.classes = tuple(json.loads(metadata["classes"]))
+        except (KeyError, ValueError, TypeError):
+            self.classes = tuple(str(i) for i in range(self.session.get_outputs()[0].shape[1]))
+        try:
+            self.config = TrainConfig.from_dict(json.loads(metadata["config"]))
+        except (KeyError, ValueError, TypeError):
+            self.config = TrainConfig()
+        self.info = _read_info(self.path)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """float32 (N, 1, 28, 28) in [0, 1] → (N, classes) probabilities."""
+        return self.session.run(None, {self.input_name: x})[0]
+
+    def probabilities(self, digits: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        outputs = [self.run(scale_array(digits[start:start + batch_size])[:, None])
+                   for start in range(0, len(digits), batch_size)]
+        return np.concatenate(outputs) if outputs else np.zeros((0, len(self.classes)), np.float32)
+
+    def describe(self) -> dict[str, Any]:
+        return _description(self, parameters=self.info.get("parameters"))
+
+
+class EnsemblePredictor:
+    """Several models predicting together: the mean of their probabilities."""
+
+    def __init__(self, members: Sequence[Any]):
+        self.members = list(members)
+        self.classes = self.members[0].classes
+        for member in self.members[1:]:
+            if member.classes != self.classes:
+                raise MnistCnnError(f"models {self.members[0].path} and {member.path} predict "
+                                    "different classes; an ensemble needs the same data set")
+        self.backend = self.members[0].backend
+        self.config, self.info, self.path = self.members[0].config, {}, self.members[0].path
+
+    def probabilities(self, digits: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        return np.mean([m.probabilities(digits, batch_size) for m in self.members], axis=0).astype(np.float32)
+
+    def describe(self) -> dict[str, Any]:
+        members = [m.describe() for m in self.members]
+        return {**members[0], "name": "ensemble of " + ", ".join(m["name"] for m in members),
+                "members": members, "test_accuracy": None}
+
+
+def _read_info(path: Path) -> dict[str, Any]:
+    from mnist_cnn.runs import MODEL_INFO_FILE
+
+    try:
+        info = json.loads((model_folder(path) / MODEL_INFO_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _description(predictor, *, parameters: int | None) -> dict[str, Any]:
+    """What a model is, for people and for the server's /api/models."""
+    from mnist_cnn.data import get_spec
+
+    metrics = predictor.info.get("metrics") or {}
+    folder = model_folder(predictor.path)
+    return {
+        "name": folder.name or str(folder), "path": str(predictor.path), "backend": predictor.backend,
+        "architecture": predictor.config.model, "parameters": parameters,
+        "dataset": predictor.config.dataset, "dataset_title": get_spec(predictor.config.dataset).title,
+        "classes": list(predictor.classes), "recipe": predictor.config.to_dict(),
+        "test_accuracy": metrics.get("test_accuracy"), "input_size": IMAGE_SIZE,
+    }
+
+
+def make_predictor(source: str | Path | Sequence[str | Path], *, backend: str = "torch",
+                   device: str = "auto"):
+    """A predictor for one model, or an ensemble when given several."""
+    if not isinstance(source, (str, Path)):
+        sources = list(source)
+        if len(sources) != 1:
+            return EnsemblePredictor([make_predictor(s, backend=backend, device=device) for s in sources])
+        source = sources[0]
     if backend == "torch":
-        return TorchPredictor(model_path, device=device)
+        return TorchPredictor(source, device=device)
     if backend == "onnxruntime":
-        from mnist_cnn.export import OnnxPredictor
-
-        return OnnxPredictor(model_path)
+        return OnnxPredictor(source)
     raise MnistCnnError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
 
 

@@ -9,19 +9,22 @@ model (predict, explain, the web app, exported models' demos) goes through `prep
 from __future__ import annotations
 
 import io
+import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mnist_cnn import MnistCnnError
 from mnist_cnn.data import IMAGE_SIZE
-from mnist_cnn.fileio import read_file
+from mnist_cnn.fileio import read_file, read_stream
 
 BOX_SIZE = 20  # MNIST fits each digit's longer side into 20 pixels
 MAX_PIXELS = 40_000_000  # larger images are refused (decompression bombs)
-MAX_FILE_BYTES = 200_000_000  # an image file is read whole; larger ones are refused
+MAX_FILE_BYTES = 200_000_000  # an image file (or stdin) is read whole; larger ones are refused
+STDIN = "-"  # as an image path: read the image from standard input
+ORIENTATION = 0x0112  # the EXIF tag: 1 upright, 2–8 turned and/or mirrored
 INK_THRESHOLD = 0.2  # after normalising to [0, 1]: what counts as ink when cropping
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm",
                   ".ppm", ".pbm", ".pnm"}
@@ -31,15 +34,37 @@ class ImageError(MnistCnnError):
     """An image that cannot be read or holds no digit."""
 
 
+def read_image_bytes(source: str | Path) -> bytes:
+    """A regular file's bytes, or standard input's for "-", at most MAX_FILE_BYTES."""
+    if str(source) == STDIN:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise ImageError(f"{STDIN}: standard input is a terminal; pipe an image into it")
+        return read_stream(sys.stdin.buffer, name=STDIN, error=ImageError, max_bytes=MAX_FILE_BYTES)
+    return read_file(source, error=ImageError, max_bytes=MAX_FILE_BYTES)
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen: phones store pixels as the sensor saw them and
+    an EXIF Orientation tag saying how to turn (or mirror) them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "Corrupt EXIF data": then no turn
+        if image.getexif().get(ORIENTATION, 1) not in range(2, 9):
+            return image
+        return ImageOps.exif_transpose(image)
+
+
 def open_image(source: str | Path | bytes, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Decode the first frame of any image Pillow reads, refusing oversized ones before
-    their pixels are decoded."""
+    """Decode the first frame of any image Pillow reads (a path, "-" for standard input, or
+    the bytes), refusing oversized ones before their pixels are decoded, turned upright as
+    its EXIF orientation says."""
     name = "image" if isinstance(source, bytes) else str(source)
-    data = source if isinstance(source, bytes) else read_file(source, error=ImageError,
-                                                              max_bytes=MAX_FILE_BYTES)
+    data = source if isinstance(source, bytes) else read_image_bytes(source)
     with io.BytesIO(data) as handle:
         try:
             with warnings.catch_warnings():
+                # Pillow's UserWarnings about a damaged file ("Truncated File Read") would
+                # break the one-line output; the image decodes or raises, and that is said.
+                warnings.simplefilter("ignore", UserWarning)
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 image = Image.open(handle)
                 width, height = image.size
@@ -48,11 +73,15 @@ def open_image(source: str | Path | bytes, *, max_pixels: int = MAX_PIXELS) -> I
                                      f"{max_pixels:,}; scale the image down first")
                 image.seek(0)  # first frame of a GIF, TIFF or WebP animation
                 image.load()
+                image = upright(image)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ImageError(f"{name}: refused as a decompression bomb (too many pixels)") from None
         except UnidentifiedImageError:
             raise ImageError(f"{name}: not an image Pillow can read") from None
-        except (OSError, SyntaxError, ValueError, EOFError) as error:
+        # Found by fuzzing (tests/test_fuzz.py), beyond the usual OSError and ValueError:
+        # NotImplementedError for a DDS pixel format Pillow lacks, TypeError for a TIFF tag or
+        # an IM size of the wrong type ("0.8*24").
+        except (OSError, SyntaxError, ValueError, EOFError, NotImplementedError, TypeError) as error:
             raise ImageError(f"{name}: broken image ({error})") from None
     if image.width == 0 or image.height == 0:
         raise ImageError(f"{name}: empty image")
@@ -66,6 +95,7 @@ def to_gray(image: Image.Image) -> np.ndarray:
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         values = np.asarray(image, dtype=np.float64)
+        values[~np.isfinite(values)] = 0.0  # NaN or inf in a float TIFF: no ink there
         high = 65535.0 if image.mode.startswith("I;16") else max(float(values.max()), 1.0)
         if image.mode == "F" and values.max() <= 1.0:
             high = 1.0
@@ -82,6 +112,8 @@ def to_gray(image: Image.Image) -> np.ndarray:
         return luminance * alpha + background * (1 - alpha)
     if image.mode == "CMYK":
         image = image.convert("RGB")
+    if image.mode == "LAB":  # (a TIFF may hold CIELAB) Pillow converts it to nothing else
+        image = image.getchannel("L")
     return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
 
 
@@ -106,7 +138,10 @@ def center_of_mass(image: np.ndarray) -> tuple[float, float]:
 
 def preprocess(image: Image.Image, *, source: str = "image") -> np.ndarray:
     """A PIL image → uint8 (28, 28), white digit on black, as MNIST's own files store it."""
-    ink = normalise_ink(to_gray(image))
+    try:
+        ink = normalise_ink(to_gray(upright(image)))
+    except ValueError as error:  # a mode Pillow cannot convert to grayscale
+        raise ImageError(f"{source}: cannot read image mode {image.mode} ({error})") from None
     mask = ink > INK_THRESHOLD
     if not mask.any():
         raise ImageError(f"{source}: no digit found (the image is blank or has no contrast)")
@@ -132,11 +167,12 @@ def preprocess_file(source: str | Path | bytes, *, max_pixels: int = MAX_PIXELS)
 
 
 def expand_paths(paths: list[str]) -> list[Path]:
-    """Files as given; folders → their image files (by suffix), sorted, not recursive."""
+    """Files as given ("-", standard input, too); folders → their image files (by suffix),
+    sorted, not recursive."""
     expanded: list[Path] = []
     for text in paths:
         path = Path(text)
-        if path.is_dir():
+        if text != STDIN and path.is_dir():
             expanded += sorted(p for p in path.iterdir()
                                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         else:

@@ -13,26 +13,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from mnist_cnn import MnistCnnError
-from mnist_cnn.checkpoint import MODEL_INFO_FILE, load_model, resolve_model_path, saved_data_dir
+from mnist_cnn import runs
 from mnist_cnn.config import TrainConfig
-from mnist_cnn.data import Split, get_spec, load_dataset
+from mnist_cnn.data import Split, get_spec
 from mnist_cnn.evaluate import evaluation_from_logits, evaluation_report, split_logits
 from mnist_cnn.fileio import atomic_write_text
 from mnist_cnn.plots import (
-    CONFUSION_MATRIX,
-    LEARNING_CURVES,
-    MISCLASSIFIED,
-    PER_CLASS,
     confusion_heatmap,
     digit_grid,
     learning_curves,
     per_class_chart,
     pick_grid_items,
-    read_metrics,
 )
 
-REPORT_FILE = "report.html"
 GALLERY_COUNT = 48
 
 
@@ -60,30 +53,27 @@ def split_results(model: nn.Module, config: TrainConfig, test: Split) -> SplitRe
     )
 
 
-def load_split_results(model_path: str | Path, *, device: str = "auto", data_dir: str | None = None,
-                      dataset: str | None = None) -> SplitResults:
+def load_split_results(source: str | Path, *, device: str = "auto", data_dir: str | None = None,
+                       dataset: str | None = None) -> tuple[SplitResults, runs.LoadedModel]:
+    """A trained model and its results on the test split of its data set (or `dataset`)."""
     from mnist_cnn.runtime import resolve_device
 
     target = resolve_device(device)
-    model, config = load_model(model_path, device=target)
-    if dataset is None:
-        data_dir = data_dir or saved_data_dir(model_path)
-    if dataset:
-        config = TrainConfig.from_dict({**config.to_dict(), "dataset": dataset})
-    test = load_dataset(config.dataset, data_dir, splits=("test",), device=target)["test"]
-    return split_results(model, config, test)
+    loaded = runs.open_model(source, device=target)
+    test = runs.load_split_for(loaded, dataset=dataset, data_dir=data_dir, device=target)
+    config = TrainConfig.from_dict({**loaded.config.to_dict(), "dataset": loaded.data_source(dataset)[0]})
+    return split_results(loaded.model, config, test), loaded
 
 
-def show(model_path: str | Path, *, misclassified: bool = False, count: int = 36,
+def show(source: str | Path, *, misclassified: bool = False, count: int = 36,
          output: str | Path | None = None, device: str = "auto", data_dir: str | None = None,
          dataset: str | None = None) -> tuple[Path, int]:
     """Draw test digits with true and predicted labels; returns the file and the number drawn."""
-    results = load_split_results(model_path, device=device, data_dir=data_dir, dataset=dataset)
+    results, _ = load_split_results(source, device=device, data_dir=data_dir, dataset=dataset)
     items = pick_grid_items(results.images, results.labels, results.probabilities,
                             misclassified=misclassified, count=count)
     if output is None:
-        folder = Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent
-        output = folder / (MISCLASSIFIED if misclassified else "samples.png")
+        output = runs.model_folder(source) / (runs.MISCLASSIFIED_FILE if misclassified else runs.SAMPLES_FILE)
     wrong = int((results.probabilities.argmax(1) != results.labels).sum())
     title = (f"{len(items)} of {wrong} misclassified test images, most confident first (true>predicted)"
              if misclassified else f"first {len(items)} test images (true>predicted; mistakes in red)")
@@ -93,12 +83,12 @@ def show(model_path: str | Path, *, misclassified: bool = False, count: int = 36
 def write_plots(run_dir: Path, results: SplitResults) -> list[Path]:
     """learning_curves.png, confusion_matrix.png and per_class_accuracy.png in the run folder."""
     paths = []
-    metrics = read_metrics(run_dir)
+    metrics = runs.read_metrics(run_dir)
     if metrics:
-        paths.append(learning_curves(metrics, run_dir / LEARNING_CURVES))
+        paths.append(learning_curves(metrics, run_dir / runs.LEARNING_CURVES_FILE))
     paths.append(confusion_heatmap(results.report["confusion_matrix"], results.classes,
-                                   run_dir / CONFUSION_MATRIX))
-    paths.append(per_class_chart(results.report["per_class"], run_dir / PER_CLASS))
+                                   run_dir / runs.CONFUSION_MATRIX_FILE))
+    paths.append(per_class_chart(results.report["per_class"], run_dir / runs.PER_CLASS_FILE))
     return paths
 
 
@@ -143,18 +133,19 @@ def render_report(run_dir: Path, results: SplitResults, metrics: list[dict[str, 
             ["epoch", "train loss", "test loss", "test accuracy", "seconds"],
             [[r["epoch"], f"{r['train_loss']:.4f}", f"{r['test_loss']:.4f}",
               f"{100 * r['test_accuracy']:.2f}%", f"{r['seconds']:.2f}"] for r in metrics])]
-    for heading, key in (("Learning curves", LEARNING_CURVES), ("Confusion matrix", CONFUSION_MATRIX),
-                         ("Per-class accuracy", PER_CLASS)):
+    for heading, key in (("Learning curves", runs.LEARNING_CURVES_FILE),
+                         ("Confusion matrix", runs.CONFUSION_MATRIX_FILE),
+                         ("Per-class accuracy", runs.PER_CLASS_FILE)):
         if key in images:
             sections += [f"<h2>{heading}</h2>", _embedded(images[key], heading)]
     sections += ["<h2>Per class</h2>", _table(
         ["class", "support", "correct", "accuracy", "precision", "recall"],
         [[row["name"], row["support"], row["correct"], f"{100 * row['accuracy']:.2f}%",
           f"{100 * row['precision']:.2f}%", f"{100 * row['recall']:.2f}%"] for row in report["per_class"]])]
-    if MISCLASSIFIED in images:
+    if runs.MISCLASSIFIED_FILE in images:
         sections += ["<h2>Misclassified test images</h2>",
                      "<p>Most confident mistakes first; captions read true&gt;predicted (confidence).</p>",
-                     _embedded(images[MISCLASSIFIED], "misclassified test images")]
+                     _embedded(images[runs.MISCLASSIFIED_FILE], "misclassified test images")]
     style = ("body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .6em;"
              "text-align:left}img{max-width:100%}")
@@ -163,19 +154,27 @@ def render_report(run_dir: Path, results: SplitResults, metrics: list[dict[str, 
             + "\n".join(sections) + "\n</body></html>\n")
 
 
-def write_run_artifacts(run_dir: Path, results: SplitResults, *, output: Path | None = None) -> Path:
-    """Plots, the misclassified gallery and report.html; returns the report's path."""
+def write_run_artifacts(run_dir: Path, results: SplitResults, model: nn.Module, *,
+                        output: Path | None = None) -> Path:
+    """Plots, the misclassified gallery, summary.txt, explain.png (test image #0) and
+    report.html; returns the report's path."""
+    from mnist_cnn.explain import explain_digit, explanation_figure, format_summary
+
     images = {path.name: path for path in write_plots(run_dir, results)}
     items = pick_grid_items(results.images, results.labels, results.probabilities,
                             misclassified=True, count=GALLERY_COUNT)
     wrong = int((results.probabilities.argmax(1) != results.labels).sum())
-    images[MISCLASSIFIED] = digit_grid(
-        items, results.classes, run_dir / MISCLASSIFIED,
+    images[runs.MISCLASSIFIED_FILE] = digit_grid(
+        items, results.classes, run_dir / runs.MISCLASSIFIED_FILE,
         title=f"{len(items)} of {wrong} misclassified test images, most confident first (true>predicted)")
-    info_path = run_dir / MODEL_INFO_FILE
+    atomic_write_text(run_dir / runs.SUMMARY_FILE,
+                      format_summary(model, f"model {results.config.model!r}") + "\n")
+    explanation_figure(explain_digit(model, results.images[0]), results.classes, run_dir / runs.EXPLAIN_FILE,
+                       title=f"test image #0 (true: {results.classes[int(results.labels[0])]})")
+    info_path = run_dir / runs.MODEL_INFO_FILE
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    text = render_report(run_dir, results, read_metrics(run_dir), info, images)
-    output = output or run_dir / REPORT_FILE
+    text = render_report(run_dir, results, runs.read_metrics(run_dir), info, images)
+    output = output or run_dir / runs.REPORT_FILE
     atomic_write_text(output, text)
     return output
 
@@ -183,19 +182,20 @@ def write_run_artifacts(run_dir: Path, results: SplitResults, *, output: Path | 
 def require_run_dir(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise MnistCnnError(f"{run_dir}: no such run folder")
-    resolve_model_path(run_dir)  # a clear error when it holds no model or checkpoint
+        raise runs.CheckpointError(f"{run_dir}: no such run folder")
+    runs.resolve_model_path(run_dir)  # a clear error when it holds no model or checkpoint
     return run_dir
 
 
 def plot_run(run_dir: str | Path, *, device: str = "auto", data_dir: str | None = None) -> list[Path]:
     run_dir = require_run_dir(run_dir)
-    return write_plots(run_dir, load_split_results(run_dir, device=device, data_dir=data_dir))
+    return write_plots(run_dir, load_split_results(run_dir, device=device, data_dir=data_dir)[0])
 
 
 def report_run(run_dir: str | Path, *, output: str | Path | None = None, device: str = "auto",
                data_dir: str | None = None) -> Path:
+    """Everything a run leaves for people, (re)drawn from its model: what `mnist-cnn train`
+    calls after training and `mnist-cnn report` on demand."""
     run_dir = require_run_dir(run_dir)
-    results = load_split_results(run_dir, device=device, data_dir=data_dir)
-    return write_run_artifacts(run_dir, results, output=Path(output) if output else None)
-
+    results, loaded = load_split_results(run_dir, device=device, data_dir=data_dir)
+    return write_run_artifacts(run_dir, results, loaded.model, output=Path(output) if output else None)

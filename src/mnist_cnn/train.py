@@ -1,19 +1,19 @@
 """Training: the tutorial's loop, made exact, resumable and fast.
 
-A run folder holds config.json, metrics.jsonl (one object per epoch), checkpoint.pt
-(rewritten atomically after every epoch and on Ctrl-C) and, at the end, model.safetensors
-and model.json.
+`train` starts a run, `resume` continues one; both end once model.safetensors and
+model.json are written (the run folder's layout belongs to mnist_cnn.runs; pictures and
+reports to mnist_cnn.report).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import math
 import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -22,25 +22,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnist_cnn import MnistCnnError
-from mnist_cnn.checkpoint import (
-    CHECKPOINT_FILE,
-    FORMAT_VERSION,
-    load_checkpoint,
-    save_checkpoint,
-    save_model,
-)
+from mnist_cnn import MnistCnnError, runs
 from mnist_cnn.config import TrainConfig, validate_train_config
 from mnist_cnn.data import Split, get_spec, load_dataset, steps_per_epoch, train_batches
-from mnist_cnn.evaluate import evaluate
-from mnist_cnn.fileio import atomic_write_text
+from mnist_cnn.evaluate import evaluate, evaluation_report
 from mnist_cnn.losses import batch_loss
 from mnist_cnn.model import build_model, count_parameters, to_device
 from mnist_cnn.runtime import environment, resolve_device
 
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.jsonl"
 EXIT_INTERRUPTED = 130
+Log = Callable[[str], None]
+
+
+class TrainingDiverged(MnistCnnError):
+    """The loss became NaN or infinite; the last checkpoint is left as it was."""
 
 
 @dataclass
@@ -48,6 +43,30 @@ class TrainResult:
     run_dir: Path
     metrics: list[dict[str, Any]]  # one record per finished epoch
     completed: bool  # False when stopped by Ctrl-C / SIGTERM (a checkpoint was saved)
+
+
+@dataclass
+class Run:
+    """Everything a training run holds in memory; `epoch`/`step` say where it stands."""
+
+    config: TrainConfig
+    run_dir: Path
+    device: torch.device
+    data_dir: str | None
+    data: dict[str, Split]
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    steps: int  # optimizer steps per epoch
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    epoch: int = 0  # 0-based epoch in progress
+    step: int = 0  # steps done in that epoch
+    loss_sum: torch.Tensor | None = None  # training loss summed over the epoch's images so far
+    seconds: float = 0.0  # time spent in the epoch before a resume
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps * self.config.epochs
 
 
 # ---------------------------------------------------------------- pure pieces
@@ -115,62 +134,6 @@ def format_epoch(record: dict[str, Any], epochs: int) -> str:
             f"({record['test_correct']}/{record['test_total']})  {record['seconds']:.1f}s")
 
 
-# ---------------------------------------------------------------- run folder
-
-
-def new_run_dir(run_dir: str | Path | None) -> Path:
-    """Create the run folder; refuse one that already holds a run (that would lose work)."""
-    if run_dir is None:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = Path("runs") / stamp
-        suffix = 1
-        while run_dir.exists():
-            suffix += 1
-            run_dir = Path("runs") / f"{stamp}-{suffix}"
-    run_dir = Path(run_dir)
-    if (run_dir / CHECKPOINT_FILE).exists() or (run_dir / METRICS_FILE).exists():
-        raise MnistCnnError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
-                            "or choose another --run-dir")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise MnistCnnError(f"cannot create run folder {run_dir}: {error.strerror}") from None
-    return run_dir
-
-
-def write_metrics(run_dir: Path, metrics: list[dict[str, Any]]) -> None:
-    """Rewrite metrics.jsonl from the checkpoint's history (drops epochs a crash left behind)."""
-    atomic_write_text(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in metrics))
-
-
-def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
-    with open(run_dir / METRICS_FILE, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
-
-
-def open_run(run_dir: Path, log: Callable[[str], None]) -> tuple[TrainConfig, dict | None, str | None]:
-    """The config, checkpoint and data folder of a run to resume. A run killed before its
-    first checkpoint starts over from its config.json."""
-    if not run_dir.is_dir():
-        raise MnistCnnError(f"--resume {run_dir}: no such run folder")
-    for leftover in run_dir.glob(f".{CHECKPOINT_FILE}.*"):  # a save cut short by a crash
-        leftover.unlink()
-    if (run_dir / CHECKPOINT_FILE).exists():
-        state = load_checkpoint(run_dir)
-        return TrainConfig.from_dict(state["config"]), state, state.get("data_dir")
-    try:
-        document = json.loads((run_dir / CONFIG_FILE).read_text())
-        config = TrainConfig.from_dict(document["config"])
-    except FileNotFoundError:
-        raise MnistCnnError(f"--resume {run_dir}: no {CHECKPOINT_FILE} or {CONFIG_FILE} there "
-                            "(is it a run folder of mnist-cnn train?)") from None
-    except (ValueError, KeyError, TypeError) as error:
-        raise MnistCnnError(f"{run_dir / CONFIG_FILE}: unreadable ({error})") from None
-    validate_train_config(config)
-    log(f"{run_dir} has no checkpoint yet: starting the run over")
-    return config, None, document.get("data_dir")
-
-
 class StopRequest:
     """Turns the first Ctrl-C (or SIGTERM) into a request checked between steps, so the loop
     can save a consistent checkpoint; a second Ctrl-C interrupts at once."""
@@ -195,161 +158,192 @@ class StopRequest:
             signal.signal(signum, handler)
 
 
-# ---------------------------------------------------------------- the loop
+# ---------------------------------------------------------------- entry points
 
 
 def train(config: TrainConfig | None = None, *, run_dir: str | Path | None = None,
-          resume: str | Path | None = None, device: str = "auto", data_dir: str | None = None,
-          progress: bool = True, artifacts: bool = True,
-          log: Callable[[str], None] = print) -> TrainResult:
-    """Train `config` into a new run folder, or continue the run in `resume`. At the end,
-    `artifacts` adds plots, galleries, summary.txt, explain.png and report.html."""
-    state = None
-    target = resolve_device(device)
-    if resume is not None:
-        run_dir = Path(resume)
-        config, state, saved_data_dir = open_run(run_dir, log)
-        data_dir = data_dir or saved_data_dir
+          device: str = "auto", data_dir: str | None = None, progress: bool = True,
+          log: Log = print) -> TrainResult:
+    """Train `config` (the tutorial's recipe by default) into a new run folder."""
+    config = config or TrainConfig()
+    validate_train_config(config)
+    data_dir = str(Path(data_dir).expanduser().resolve()) if data_dir else None
+    run = build_run(config, device=device, data_dir=data_dir, log=log,
+                    run_dir=lambda: runs.create_run_dir(run_dir))
+    runs.write_metrics(run.run_dir, [])
+    runs.write_run_config(run.run_dir, {
+        "config": config.to_dict(), "data_dir": data_dir, "environment": environment(run.device),
+        "argv": sys.argv, "parameters": count_parameters(run.model), "steps_per_epoch": run.steps,
+        "started": datetime.now().astimezone().isoformat(timespec="seconds")})
+    return run_epochs(run, progress=progress, log=log)
+
+
+def resume(run_dir: str | Path, *, device: str = "auto", data_dir: str | None = None,
+           progress: bool = True, log: Log = print) -> TrainResult:
+    """Continue the run in `run_dir` from its checkpoint, with its saved recipe; the final
+    weights are bit-identical to an uninterrupted run's."""
+    opened = runs.open_run(run_dir)
+    data_dir = data_dir or opened.data_dir
+    run = build_run(opened.config, device=device, data_dir=data_dir, log=log,
+                    run_dir=lambda: opened.run_dir)
+    if opened.checkpoint is None:
+        log(f"{opened.run_dir} has no checkpoint yet: starting the run over")
     else:
-        config = config or TrainConfig()
-        validate_train_config(config)
+        restore(run, opened.checkpoint)
+        log(f"resuming {run.run_dir} at epoch {run.epoch + 1}/{run.config.epochs}"
+            + (f", step {run.step}/{run.steps}" if run.step else ""))
+    runs.write_metrics(run.run_dir, run.metrics)
+    return run_epochs(run, progress=progress, log=log)
+
+
+def build_run(config: TrainConfig, *, device: str, data_dir: str | None, log: Log,
+              run_dir: Callable[[], Path]) -> Run:
+    """Data, model and optimizer, freshly seeded; the run folder is created last, so a run
+    that cannot start (bad data, unknown model, no such device) leaves no folder behind."""
+    target = resolve_device(device)
     if config.precision == "fp16" and target.type != "cuda":
         raise MnistCnnError("--precision fp16 needs a CUDA device; use bf16 or fp32")
-    if target.type == "cuda":
-        # Same seed → same weights, on the GPU too.
+    if target.type == "cuda":  # same seed → same weights, on the GPU too
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
-
-    if data_dir:
-        data_dir = str(Path(data_dir).expanduser().resolve())
-    spec = get_spec(config.dataset)
-    num_classes = len(spec.classes)
     data = load_dataset(config.dataset, data_dir, device=target, log=log)
     torch.manual_seed(config.seed)
-    model = to_device(build_model(config.model, num_classes=num_classes), target)
-    optimizer = make_optimizer(model, config, target)
-    scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16")
+    model = to_device(build_model(config.model, num_classes=len(get_spec(config.dataset).classes)), target)
+    return Run(config=config, run_dir=run_dir(), device=target, data_dir=data_dir, data=data,
+               model=model, optimizer=make_optimizer(model, config, target),
+               scaler=torch.amp.GradScaler("cuda", enabled=config.precision == "fp16"),
+               steps=steps_per_epoch(len(data["train"]), config.batch_size),
+               loss_sum=torch.zeros((), device=target))
 
-    steps = steps_per_epoch(len(data["train"]), config.batch_size)
-    total_steps = steps * config.epochs
-    if resume is None:
-        run_dir = new_run_dir(run_dir)  # only now: a run that cannot start leaves no folder
-    if state is None:
-        start_epoch, start_step, metrics = 0, 0, []
-        write_metrics(run_dir, metrics)
-        partial_loss, partial_seconds = torch.zeros((), device=target), 0.0
-        env = environment(target)
-        document = {"config": config.to_dict(), "data_dir": data_dir, "environment": env, "argv": sys.argv,
-                    "parameters": count_parameters(model), "steps_per_epoch": steps,
-                    "started": datetime.now().astimezone().isoformat(timespec="seconds")}
-        atomic_write_text(run_dir / CONFIG_FILE, json.dumps(document, indent=2) + "\n")
-    else:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"], target)
-        start_epoch, start_step, metrics = state["epoch"], state["step"], list(state["metrics"])
-        partial_loss = state["train_loss_sum"].to(target)
-        partial_seconds = state["epoch_seconds"]
-        write_metrics(run_dir, metrics)
-        log(f"resuming {run_dir} at epoch {start_epoch + 1}/{config.epochs}"
-            + (f", step {start_step}/{steps}" if start_step else ""))
 
-    def checkpoint(epoch: int, step: int, loss_sum: torch.Tensor, seconds: float) -> None:
-        save_checkpoint(run_dir / CHECKPOINT_FILE, {
-            "config": config.to_dict(), "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "rng": rng_state(target), "epoch": epoch, "step": step,
-            "train_loss_sum": loss_sum.detach().cpu(), "epoch_seconds": seconds,
-            "metrics": metrics, "data_dir": data_dir,
-        })
+def restore(run: Run, state: dict[str, Any]) -> None:
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    if "scaler" in state:
+        run.scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"], run.device)
+    run.epoch, run.step, run.metrics = state["epoch"], state["step"], list(state["metrics"])
+    run.loss_sum, run.seconds = state["train_loss_sum"].to(run.device), state["epoch_seconds"]
 
+
+def save_checkpoint(run: Run) -> None:
+    runs.save_checkpoint(run.run_dir, {
+        "config": run.config.to_dict(), "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
+        "rng": rng_state(run.device), "epoch": run.epoch, "step": run.step,
+        "train_loss_sum": run.loss_sum.detach().cpu(), "epoch_seconds": run.seconds,
+        "metrics": run.metrics, "data_dir": run.data_dir,
+    })
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def run_epochs(run: Run, *, progress: bool, log: Log) -> TrainResult:
+    """Epochs from where `run` stands to the end; a checkpoint after each. Ctrl-C saves the
+    current step (or the finished epoch, when it arrives during the test pass) and stops."""
+    with StopRequest() as stop:
+        while run.epoch < run.config.epochs:
+            started = time.perf_counter() - run.seconds
+            if not train_one_epoch(run, stop, progress=progress):
+                run.seconds = time.perf_counter() - started
+                save_checkpoint(run)
+                log(f"{stop.signal_name}: saved a checkpoint at epoch {run.epoch + 1}, step "
+                    f"{run.step}/{run.steps}; continue with: mnist-cnn train --resume {run.run_dir}")
+                return TrainResult(run.run_dir, run.metrics, completed=False)
+            record = end_epoch(run, started)
+            log(format_epoch(record, run.config.epochs))
+            if stop.signal_name and run.epoch < run.config.epochs:
+                log(f"{stop.signal_name}: saved a checkpoint after epoch {run.epoch}; "
+                    f"continue with: mnist-cnn train --resume {run.run_dir}")
+                return TrainResult(run.run_dir, run.metrics, completed=False)
+    save_final_model(run)
+    return TrainResult(run.run_dir, run.metrics, completed=True)
+
+
+def train_one_epoch(run: Run, stop: StopRequest, *, progress: bool) -> bool:
+    """Optimizer steps from `run.step` to the end of the epoch; False when a stop request
+    came in first (run.step then says how far it got)."""
     from tqdm import tqdm
 
-    with StopRequest() as stop:
-        for epoch in range(start_epoch, config.epochs):
-            model.train()
-            loss_sum, started = partial_loss, time.perf_counter() - partial_seconds
-            bar = tqdm(total=steps, initial=start_step, desc=f"epoch {epoch + 1}/{config.epochs}",
-                       unit="step", leave=False, file=sys.stderr, disable=None if progress else True)
-            batches = train_batches(data["train"], config.batch_size, seed=config.seed,
-                                    epoch=epoch, start_step=start_step)
-            for step, (x, y) in enumerate(batches, start=start_step):
-                lr = learning_rate(epoch * steps + step, total_steps, config)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                if config.shift:
-                    x = random_shift(x, config.shift)
-                with autocast_context(config, target):
-                    logits = model(x)
-                loss = batch_loss(config.loss, logits.float(), y,
-                                  label_smoothing=config.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                # Accumulate on the device: no host sync per step.
-                loss_sum = loss_sum + (loss.detach() if config.loss == "kl" else loss.detach() * len(y))
-                bar.update()
-                if stop.signal_name:
-                    bar.close()
-                    checkpoint(epoch, step + 1, loss_sum, time.perf_counter() - started)
-                    log(f"{stop.signal_name}: saved a checkpoint at epoch {epoch + 1}, step "
-                        f"{step + 1}/{steps}; continue with: mnist-cnn train --resume {run_dir}")
-                    return TrainResult(run_dir=run_dir, metrics=metrics, completed=False)
-            bar.close()
-            train_seconds = time.perf_counter() - started
-            evaluation = evaluate(model, data["test"], loss=config.loss,
-                                  batch_size=config.eval_batch_size, num_classes=num_classes)
-            seconds = time.perf_counter() - started
-            record = {
-                "epoch": epoch + 1,
-                "train_loss": float(loss_sum) / len(data["train"]),
-                "test_loss": evaluation.loss,
-                "test_accuracy": evaluation.accuracy,
-                "test_correct": evaluation.correct,
-                "test_total": evaluation.total,
-                "lr": learning_rate(epoch * steps + steps - 1, total_steps, config),
-                "seconds": seconds,
-                "train_seconds": train_seconds,
-                "eval_seconds": seconds - train_seconds,
-            }
-            metrics.append(record)
-            append_metrics(run_dir, record)
-            start_step, partial_loss, partial_seconds = 0, torch.zeros((), device=target), 0.0
-            checkpoint(epoch + 1, 0, partial_loss, 0.0)
-            log(format_epoch(record, config.epochs))
-            if stop.signal_name and epoch + 1 < config.epochs:  # arrived during the test pass
-                log(f"{stop.signal_name}: saved a checkpoint after epoch {epoch + 1}; "
-                    f"continue with: mnist-cnn train --resume {run_dir}")
-                return TrainResult(run_dir=run_dir, metrics=metrics, completed=False)
-
-    finish(run_dir, model, config, metrics, data["test"], target, artifacts=artifacts)
-    return TrainResult(run_dir=run_dir, metrics=metrics, completed=True)
+    config, optimizer = run.config, run.optimizer
+    run.model.train()
+    batches = train_batches(run.data["train"], config.batch_size, seed=config.seed,
+                            epoch=run.epoch, start_step=run.step)
+    with tqdm(total=run.steps, initial=run.step, desc=f"epoch {run.epoch + 1}/{config.epochs}",
+              unit="step", leave=False, file=sys.stderr, disable=None if progress else True) as bar:
+        for x, y in batches:
+            lr = learning_rate(run.epoch * run.steps + run.step, run.total_steps, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if config.shift:
+                x = random_shift(x, config.shift)
+            with autocast_context(config, run.device):
+                logits = run.model(x)
+            loss = batch_loss(config.loss, logits.float(), y, label_smoothing=config.label_smoothing)
+            check_finite(loss, run)
+            optimizer.zero_grad(set_to_none=True)
+            run.scaler.scale(loss).backward()
+            run.scaler.step(optimizer)
+            run.scaler.update()
+            # Summed on the device: no host sync per step for the running total.
+            run.loss_sum = run.loss_sum + (loss.detach() if config.loss == "kl" else loss.detach() * len(y))
+            run.step += 1
+            bar.update()
+            if stop.signal_name:
+                return False
+    return True
 
 
-def finish(run_dir: Path, model: nn.Module, config: TrainConfig, metrics: list[dict[str, Any]],
-           test: Split, device: torch.device, *, artifacts: bool = True) -> None:
-    """Write the serving artifacts (model.safetensors, model.json with the final evaluation)
-    and, unless disabled, the plots, galleries and report.html."""
-    from mnist_cnn.report import split_results, write_run_artifacts
+def check_finite(loss: torch.Tensor, run: Run) -> None:
+    """Stop before a NaN or infinite loss reaches the weights; the checkpoint on disk is
+    the last good state."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        kept = (f"the last checkpoint ({run.run_dir / runs.CHECKPOINT_FILE}, after epoch "
+                f"{len(run.metrics)}) is intact" if run.metrics else "no checkpoint was written")
+        raise TrainingDiverged(f"the loss became {value} at epoch {run.epoch + 1}, step {run.step + 1}; "
+                               f"{kept}; lower --lr and start a new run")
 
-    results = split_results(model, config, test)
-    info = {
-        "metrics": metrics[-1] if metrics else {},
-        "evaluation": results.report,
-        "train_seconds_total": sum(record["seconds"] for record in metrics),
-        "parameters": count_parameters(model),
-        "environment": environment(device),
-        "checkpoint_format_version": FORMAT_VERSION,
+
+def end_epoch(run: Run, started: float) -> dict[str, Any]:
+    """Evaluate on the test split, record the epoch in metrics.jsonl, save a checkpoint."""
+    train_seconds = time.perf_counter() - started
+    num_classes = len(get_spec(run.config.dataset).classes)
+    evaluation = evaluate(run.model, run.data["test"], loss=run.config.loss,
+                          batch_size=run.config.eval_batch_size, num_classes=num_classes)
+    seconds = time.perf_counter() - started
+    record = {
+        "epoch": run.epoch + 1,
+        "train_loss": float(run.loss_sum) / len(run.data["train"]),
+        "test_loss": evaluation.loss,
+        "test_accuracy": evaluation.accuracy,
+        "test_correct": evaluation.correct,
+        "test_total": evaluation.total,
+        "lr": learning_rate(run.epoch * run.steps + run.steps - 1, run.total_steps, run.config),
+        "seconds": seconds,
+        "train_seconds": train_seconds,
+        "eval_seconds": seconds - train_seconds,
     }
-    save_model(run_dir, model, config, info)
-    if artifacts:
-        from mnist_cnn.explain import explain_digit, explanation_figure, format_summary
+    run.metrics.append(record)
+    runs.append_metrics(run.run_dir, record)
+    run.epoch, run.step, run.seconds = run.epoch + 1, 0, 0.0
+    run.loss_sum = torch.zeros((), device=run.device)
+    save_checkpoint(run)
+    return record
 
-        write_run_artifacts(run_dir, results)
-        atomic_write_text(run_dir / "summary.txt", format_summary(model, f"model {config.model!r}") + "\n")
-        explanation_figure(explain_digit(model, results.images[0]), results.classes,
-                           run_dir / "explain.png",
-                           title=f"test image #0 (true: {results.classes[int(results.labels[0])]})")
+
+def save_final_model(run: Run) -> Path:
+    """model.safetensors and model.json, with the final test evaluation."""
+    classes = get_spec(run.config.dataset).classes
+    evaluation = evaluate(run.model, run.data["test"], loss=run.config.loss,
+                          batch_size=run.config.eval_batch_size, num_classes=len(classes))
+    info = {
+        "metrics": run.metrics[-1] if run.metrics else {},
+        "evaluation": evaluation_report(evaluation, classes),
+        "train_seconds_total": sum(record["seconds"] for record in run.metrics),
+        "parameters": count_parameters(run.model),
+        "environment": environment(run.device),
+        "checkpoint_format_version": runs.FORMAT_VERSION,
+    }
+    return runs.save_model(run.run_dir, run.model, run.config, info)

@@ -1,0 +1,59 @@
+"""The Python API, for notebooks and scripts: a few keyword-only functions that return
+plain objects (metric records, probability arrays) and raise `MnistCnnError`.
+
+    from mnist_cnn import TrainConfig, train_model, evaluate_model, load_model, predict_images
+
+(train_model is mnist_cnn.train.train, evaluate_model mnist_cnn.evaluate.evaluate_model;
+the two below live here.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from mnist_cnn.data import IMAGE_SIZE
+from mnist_cnn.runs import LoadedModel, model_or_default, open_model
+
+
+def load_model(source: str | Path | None = None, *, device: str = "cpu") -> LoadedModel:
+    """A trained model in eval mode with its config, class names and data folder. `source`
+    is a run folder, model.safetensors, checkpoint.pt or a tutorial state_dict file; by
+    default the newest finished run under ./runs, else the model shipped with mnist-cnn."""
+    from mnist_cnn.runtime import resolve_device
+
+    return open_model(model_or_default(source), device=resolve_device(device))
+
+
+def _digit(image: Any) -> np.ndarray:
+    """A 28x28 uint8 array is taken as an MNIST digit as it is; anything else (a path, bytes,
+    a PIL image, another array) goes through the user-image preprocessing."""
+    from mnist_cnn.preprocess import preprocess, preprocess_file
+
+    if isinstance(image, np.ndarray) and image.shape == (IMAGE_SIZE, IMAGE_SIZE) and image.dtype == np.uint8:
+        return image
+    if isinstance(image, (str, Path, bytes)):
+        return preprocess_file(image)
+    if isinstance(image, np.ndarray):
+        from PIL import Image
+
+        image = Image.fromarray(image)
+    return preprocess(image)
+
+
+def predict_images(images: Iterable[Any] | np.ndarray, *, model: str | Path | None = None,
+                   backend: str = "torch", device: str = "cpu") -> np.ndarray:
+    """Class probabilities, float32 (N, classes), for N images: file paths, encoded bytes,
+    PIL images, or MNIST-style uint8 arrays (one (28, 28) digit each, or one (N, 28, 28)
+    array). Users' images are normalised as MNIST's digits were (see mnist_cnn.preprocess)."""
+    from mnist_cnn.predict import make_predictor
+
+    if isinstance(images, np.ndarray) and images.ndim == 3 and images.dtype == np.uint8 \
+            and images.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE):
+        digits = images
+    else:
+        digits = np.stack([_digit(image) for image in images]) if images is not None else None
+    predictor = make_predictor(model_or_default(model), backend=backend, device=device)
+    return predictor.probabilities(digits)
