@@ -500,20 +500,38 @@ def epoch_permutation(size: int, *, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(size, generator=generator)
 
 
+def hold_out(split: Split, size: int, *, seed: int) -> tuple[Split, Split]:
+    """(rest, held out): `size` images chosen by `seed` alone, with their own generator (not
+    the epoch shuffle's), so every process and every resume holds out the same images; both
+    parts keep file order."""
+    import torch
+
+    if not 0 < size < len(split):
+        raise DataError(f"--val-size {size} must be between 1 and {len(split) - 1} "
+                        f"(the training split holds {len(split)} images)")
+    generator = torch.Generator().manual_seed(0x5EED_7A1 + seed)
+    chosen = torch.zeros(len(split), dtype=torch.bool)
+    chosen[torch.randperm(len(split), generator=generator)[:size]] = True
+    chosen = chosen.to(split.labels.device)
+    return (Split(split.images[~chosen], split.labels[~chosen]),
+            Split(split.images[chosen], split.labels[chosen]))
+
+
 def train_batches(split: Split, batch_size: int, *, seed: int, epoch: int, start_step: int = 0,
                   rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Shuffled batches of (x float in [0,1], y) for one epoch; the last one may be smaller.
-    Under torchrun each rank takes its strided share of the same permutation."""
-    order = epoch_permutation(len(split), seed=seed, epoch=epoch)[rank::world_size]
+    `batch_size` is the global batch: under torchrun every step takes the same slice of the
+    same permutation on every rank, and rank r keeps entries r, r + W, ... of it."""
+    order = epoch_permutation(len(split), seed=seed, epoch=epoch)
     order = order.to(split.labels.device)
     for start in range(start_step * batch_size, len(order), batch_size):
-        index = order[start:start + batch_size]
+        index = order[start:start + batch_size][rank::world_size]
         yield scale(split.images[index]), split.labels[index]
 
 
-def steps_per_epoch(size: int, batch_size: int, world_size: int = 1) -> int:
-    share = len(range(0, size, world_size))
-    return -(-share // batch_size)
+def steps_per_epoch(size: int, batch_size: int) -> int:
+    """Optimizer steps per epoch, at any number of processes (the batch is global)."""
+    return -(-size // batch_size)
 
 
 def eval_batches(split: Split, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
