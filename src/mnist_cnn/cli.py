@@ -114,6 +114,9 @@ def add_train_parser(subparsers) -> None:
     add_where_flags(where, dataset=False)
     where.add_argument("--run-dir", help="run folder to create (default: runs/<timestamp>)")
     where.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
+    where.add_argument("--nproc", type=POSITIVE_INT, metavar="P",
+                       help="train with P processes on this machine (data-parallel, launched with "
+                            "torchrun --standalone); --batch-size stays the global batch")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-report", action="store_true",
                    help="skip the plots, galleries and report.html written after training")
@@ -125,11 +128,27 @@ def recipe_values(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
+def worker_argv(args: argparse.Namespace) -> list[str]:
+    """The `train` command line each process of `--nproc` runs: the same flags, less --nproc."""
+    argv = ["train"]
+    for name, value in recipe_values(args).items():
+        argv += [flag_name(name), str(value)]
+    for name in ("device", "data_dir", "run_dir", "resume"):
+        if getattr(args, name) is not None:
+            argv += [flag_name(name), str(getattr(args, name))]
+    return argv + [flag for flag, on in (("--no-progress", args.no_progress),
+                                         ("--no-report", args.no_report)) if on]
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from mnist_cnn.config import resolve_train_config
     from mnist_cnn.train import EXIT_INTERRUPTED, resume, train
 
     given = recipe_values(args)
+    if args.nproc:
+        from mnist_cnn.distributed import launch
+
+        return launch(args.nproc, worker_argv(args))
     options = dict(device=args.device, data_dir=args.data_dir, progress=not args.no_progress)
     if args.resume:
         if given or args.run_dir:
@@ -141,6 +160,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = train(resolve_train_config(preset, given), run_dir=args.run_dir, **options)
     if not result.completed:
         return EXIT_INTERRUPTED
+    if not result.main:  # under torchrun rank 0 alone prints and reports
+        return 0
     if result.metrics:
         last = result.metrics[-1]
         total = sum(record["seconds"] for record in result.metrics)
@@ -206,6 +227,10 @@ def add_predict_parser(subparsers) -> None:
     p.add_argument("--top", type=POSITIVE_INT, default=1, metavar="K", help="show the K most likely classes (default: 1)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--save-preprocessed", metavar="DIR", help="write the 28x28 image the model saw to DIR")
+    p.add_argument("--min-confidence", type=value_parser(float, Check("probability in [0, 1]", lambda v: 0 <= v <= 1)),
+                   metavar="P", help="answer 'unsure' when the top probability is below P (default: the "
+                   "model's own threshold, fitted on its validation split so that 99%% of correct answers "
+                   "pass; 0.5 for models trained without --val-size; 0 turns it off)")
     p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
                    help="torch, or onnxruntime on the model.onnx made by mnist-cnn export "
                         "(no torch import at all) (default: torch)")
@@ -217,7 +242,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from mnist_cnn.predict import make_predictor, predict_files
 
     predictor = make_predictor(chosen_models(args.model), backend=args.backend, device=args.device)
-    results = predict_files(predictor, args.images, save_preprocessed=args.save_preprocessed)
+    results = predict_files(predictor, args.images, save_preprocessed=args.save_preprocessed,
+                            min_confidence=args.min_confidence)
     for result in results:
         if args.json:
             print(json.dumps(result.to_json(max(args.top, 3))), flush=True)

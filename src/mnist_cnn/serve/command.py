@@ -1,0 +1,128 @@
+"""The `mnist-cnn serve` command: flags here; FastAPI, uvicorn and torch load when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+from pathlib import Path
+
+from mnist_cnn import MnistCnnError
+from mnist_cnn.config import DEVICES
+
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
+DEFAULT_MAX_BODY_BYTES = 10_000_000  # the same value as serve.app's, kept import-free here
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid port (0-65535)")
+    return int(text)
+
+
+def _byte_count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid positive byte count")
+    return int(text)
+
+
+def add_serve_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve", help="a web page to draw digits on, and an HTTP API",
+        description="Serve a page (at /) to draw or upload a digit and see what the model reads, "
+                    "and a JSON API (POST /api/predict, /api/predict/batch; GET /api/health, "
+                    "/api/models, /metrics; documented at /docs). Ctrl-C stops it.")
+    p.add_argument("--model", action="append", metavar="RUN_DIR_OR_MODEL",
+                   help="a run folder or model file; repeat to serve several (the page offers a "
+                        "choice). Default: the newest finished run under ./runs, else the model "
+                        "shipped with mnist-cnn")
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default: {DEFAULT_HOST})")
+    p.add_argument("--port", type=_port, default=DEFAULT_PORT,
+                   help=f"(default: {DEFAULT_PORT}; 0 picks a free port)")
+    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+                   help="(default: torch; onnxruntime needs mnist-cnn export first)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="(default: auto)")
+    p.add_argument("--max-body-bytes", type=_byte_count, default=DEFAULT_MAX_BODY_BYTES,
+                   metavar="N", help=f"larger requests get 413 (default: {DEFAULT_MAX_BODY_BYTES:,})")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser pages from ORIGIN (e.g. https://example.org) to call the "
+                        "API; repeatable (default: CORS off)")
+    p.set_defaults(handler=cmd_serve)
+
+
+def resolve_models(values: list[str] | None) -> list[Path]:
+    """Each --model as given; none given: the newest finished run, else the shipped model."""
+    try:
+        from mnist_cnn.runs import model_or_default
+    except ImportError:
+        model_or_default = None
+    if model_or_default is None:
+        if not values:
+            raise MnistCnnError("give --model RUN_DIR_OR_MODEL (a run folder of mnist-cnn train)")
+        return [Path(value) for value in values]
+    return [Path(model_or_default(value)) for value in (values or [None])]
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """Bind before starting uvicorn, so a busy port is a one-line error and --port 0 works."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise MnistCnnError(f"cannot listen on {host}:{port} ({error.strerror or error})") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_of(host: str, port: int) -> str:
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else host
+    return f"http://{f'[{shown}]' if ':' in shown and not shown.startswith('[') else shown}:{port}/"
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from mnist_cnn.serve.app import ServeSettings, create_app, load_models
+
+    settings = ServeSettings(model_paths=tuple(resolve_models(args.model)), backend=args.backend,
+                             device=args.device, max_body_bytes=args.max_body_bytes,
+                             cors_origins=tuple(args.cors_origin))
+    if settings.backend == "torch":
+        import torch
+
+        # Each request is one image: one thread per forward pass, requests in parallel. Two
+        # intra-op threads per tiny forward made it ten times slower on a busy 2-core machine.
+        torch.set_num_threads(1)
+    models = load_models(settings)
+    for model in models:
+        info = model.info
+        accuracy = (f", test accuracy {100 * info['test_accuracy']:.2f}%"
+                    if info.get("test_accuracy") is not None else "")
+        print(f"model {model.name}: {info.get('architecture') or '?'} on "
+              f"{info.get('dataset') or '?'}{accuracy} ({settings.backend})")
+    app = create_app(settings, models=models)
+    sock = listen(args.host, args.port)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", server_header=False,
+                                           timeout_graceful_shutdown=5))
+    print(f"serving on {url_of(args.host, port)} (API docs at /docs); Ctrl-C stops", flush=True)
+    # uvicorn shuts down cleanly on SIGINT and SIGTERM, then re-raises the signal it caught;
+    # both end here as KeyboardInterrupt, so a service manager's stop is exit status 0 too.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        sock.close()
+    print("stopped", flush=True)
+    return 0

@@ -1,0 +1,319 @@
+// The drawing page of `mnist-cnn serve`. The server does all the image work: the drawing is
+// sent as a PNG to /api/predict, which runs it through MNIST's normalisation (the same as
+// `mnist-cnn predict`) and returns the 28x28 image the model saw, shown under the bars.
+"use strict";
+(() => {
+  const EXPORT_SIZE = 280; // the PNG sent: black ink on a 280x280 white page; brush widths are in its pixels
+  const LIVE_MS = 150; // at most one live prediction per this many ms while drawing
+  const PROMPT = "Draw a digit in the box, or upload an image.";
+
+  const $ = (id) => document.getElementById(id);
+  const canvas = $("canvas");
+  const context = canvas.getContext("2d");
+  const result = document.querySelector(".result");
+  const state = {
+    strokes: [], // each {width, points: [[x, y], ...]} with x, y in [0, 1]
+    current: null,
+    picture: null, // an uploaded image shown on the canvas (drawing starts afresh)
+    upload: null, // the uploaded file, re-sent when the model changes
+    models: [],
+    model: null,
+    request: 0,
+    controller: null,
+    timer: null,
+  };
+
+  // ---- drawing -------------------------------------------------------------------------
+  function fitCanvas() {
+    const side = Math.round(canvas.getBoundingClientRect().width * (window.devicePixelRatio || 1));
+    if (side > 0 && canvas.width !== side) {
+      canvas.width = side;
+      canvas.height = side;
+    }
+    render(context, canvas.width, true);
+  }
+
+  function drawStroke(ctx, stroke, size) {
+    const points = stroke.points.map(([x, y]) => [x * size, y * size]);
+    ctx.lineWidth = (stroke.width / EXPORT_SIZE) * size;
+    if (points.length === 1) {
+      ctx.beginPath();
+      ctx.arc(points[0][0], points[0][1], ctx.lineWidth / 2, 0, 2 * Math.PI);
+      ctx.fill();
+      return;
+    }
+    // Quadratic curves through the midpoints of successive samples: smooth strokes from
+    // jittery pointer positions, still passing close to every sample.
+    ctx.beginPath();
+    ctx.moveTo(points[0][0], points[0][1]);
+    for (let i = 1; i < points.length - 1; i++) {
+      const mx = (points[i][0] + points[i + 1][0]) / 2;
+      const my = (points[i][1] + points[i + 1][1]) / 2;
+      ctx.quadraticCurveTo(points[i][0], points[i][1], mx, my);
+    }
+    const last = points[points.length - 1];
+    ctx.lineTo(last[0], last[1]);
+    ctx.stroke();
+  }
+
+  function render(ctx, size, withPicture) {
+    ctx.fillStyle = "#fff";
+    ctx.fillRect(0, 0, size, size);
+    if (withPicture && state.picture) {
+      const p = state.picture;
+      const scale = Math.min(size / p.width, size / p.height);
+      const w = p.width * scale, h = p.height * scale;
+      ctx.drawImage(p, (size - w) / 2, (size - h) / 2, w, h);
+    }
+    ctx.strokeStyle = ctx.fillStyle = "#000";
+    ctx.lineCap = ctx.lineJoin = "round";
+    for (const stroke of state.strokes) drawStroke(ctx, stroke, size);
+  }
+
+  function pointOf(event) {
+    const box = canvas.getBoundingClientRect();
+    const clamp = (v) => Math.min(1, Math.max(0, v));
+    return [clamp((event.clientX - box.left) / box.width), clamp((event.clientY - box.top) / box.height)];
+  }
+
+  canvas.addEventListener("pointerdown", (event) => {
+    if (event.pointerType === "mouse" && event.button !== 0) return;
+    event.preventDefault();
+    canvas.setPointerCapture(event.pointerId);
+    if (state.picture || state.upload) {
+      state.picture = null;
+      state.upload = null;
+      $("source").textContent = "";
+    }
+    state.current = { width: Number($("brush").value), points: [pointOf(event)] };
+    state.strokes.push(state.current);
+    updateButtons();
+    fitCanvas();
+  });
+
+  canvas.addEventListener("pointermove", (event) => {
+    if (!state.current) return;
+    event.preventDefault();
+    const events = event.getCoalescedEvents ? event.getCoalescedEvents() : [];
+    for (const e of events.length ? events : [event]) state.current.points.push(pointOf(e));
+    fitCanvas();
+    predictSoon();
+  });
+
+  function endStroke() {
+    if (!state.current) return;
+    state.current = null;
+    predictNow();
+  }
+  canvas.addEventListener("pointerup", endStroke);
+  canvas.addEventListener("pointercancel", endStroke);
+  canvas.addEventListener("lostpointercapture", endStroke);
+
+  function undo() {
+    if (state.current || !state.strokes.length) return;
+    state.strokes.pop();
+    fitCanvas();
+    updateButtons();
+    predictNow();
+  }
+
+  function clear() {
+    state.strokes = [];
+    state.current = null;
+    state.picture = null;
+    state.upload = null;
+    $("source").textContent = "";
+    fitCanvas();
+    updateButtons();
+    predictNow();
+  }
+
+  function updateButtons() {
+    $("undo").disabled = state.strokes.length === 0;
+  }
+
+  $("undo").addEventListener("click", undo);
+  $("clear").addEventListener("click", clear);
+  $("brush").addEventListener("input", () => { $("brush-value").textContent = $("brush").value; });
+  document.addEventListener("keydown", (event) => {
+    if ((event.ctrlKey || event.metaKey) && event.key.toLowerCase() === "z") {
+      event.preventDefault();
+      undo();
+    } else if (document.activeElement === canvas && (event.key === "Delete" || event.key === "Escape")) {
+      event.preventDefault();
+      clear();
+    }
+  });
+
+  // ---- predictions ---------------------------------------------------------------------
+  function predictSoon() {
+    if (state.timer === null) state.timer = setTimeout(predictNow, LIVE_MS);
+  }
+
+  function predictNow() {
+    clearTimeout(state.timer);
+    state.timer = null;
+    if (state.upload) return send(state.upload, state.upload.name || "pasted image");
+    if (!state.strokes.length) return showPrompt(PROMPT); // a blank canvas is never a prediction
+    result.dataset.pending = "true";
+    const page = document.createElement("canvas");
+    page.width = page.height = EXPORT_SIZE;
+    const ctx = page.getContext("2d");
+    render(ctx, EXPORT_SIZE, false);
+    page.toBlob((blob) => { if (blob) send(blob, null); }, "image/png");
+  }
+
+  async function send(blob, name) {
+    const id = ++state.request;
+    if (state.controller) state.controller.abort();
+    state.controller = new AbortController();
+    result.dataset.pending = "true";
+    const form = new FormData();
+    form.append("file", blob, name || "drawing.png");
+    const query = new URLSearchParams({ preprocessed: "1" });
+    if (state.model) query.set("model", state.model);
+    let reply, body;
+    try {
+      reply = await fetch(`api/predict?${query}`, { method: "POST", body: form, signal: state.controller.signal });
+      body = await reply.json();
+    } catch (error) {
+      if (id !== state.request) return; // superseded by a newer request
+      return showError(error.name === "AbortError" ? "cancelled" : "the server did not answer");
+    }
+    if (id !== state.request) return;
+    if (reply.ok) showResult(body, name);
+    else if (reply.status === 422 && /no digit found/.test(body.error || "")) showPrompt("No digit found: draw a bigger or darker one.");
+    else showError(body.error || `error ${reply.status}`);
+  }
+
+  function classesOf(name) {
+    const model = state.models.find((m) => m.name === name);
+    return model ? model.classes : null;
+  }
+
+  function showResult(body, name) {
+    const classes = classesOf(body.model) || body.probabilities.map((_, i) => String(i));
+    $("label").textContent = body.name;
+    $("probability").textContent = `${(100 * body.probability).toFixed(1)}%`;
+    const bars = $("bars");
+    if (bars.children.length !== classes.length || bars.dataset.model !== body.model) {
+      bars.replaceChildren(...classes.map((cls) => {
+        const item = document.createElement("li");
+        item.innerHTML = '<span class="name"></span><span class="track"><span class="fill"></span></span><span class="value"></span>';
+        item.querySelector(".name").textContent = cls;
+        item.title = cls;
+        return item;
+      }));
+      bars.dataset.model = body.model;
+    }
+    body.probabilities.forEach((p, i) => {
+      const item = bars.children[i];
+      item.classList.toggle("best", i === body.label);
+      item.querySelector(".fill").style.width = `${(100 * p).toFixed(1)}%`;
+      item.querySelector(".value").textContent = `${(100 * p).toFixed(1)}%`;
+      item.setAttribute("aria-label", `${classes[i]}: ${(100 * p).toFixed(1)} percent`);
+    });
+    $("preview").src = `data:image/png;base64,${body.preprocessed}`;
+    $("source").textContent = name ? `from ${name}` : "";
+    $("prompt").hidden = true;
+    $("error").hidden = true;
+    $("answer").hidden = false;
+    result.dataset.pending = "false";
+  }
+
+  function showPrompt(message) {
+    state.request++;
+    if (state.controller) state.controller.abort();
+    $("prompt").textContent = message;
+    $("prompt").hidden = false;
+    $("answer").hidden = true;
+    $("error").hidden = true;
+    result.dataset.pending = "false";
+  }
+
+  function showError(message) {
+    $("error").textContent = message;
+    $("error").hidden = false;
+    $("answer").hidden = true;
+    $("prompt").hidden = true;
+    result.dataset.pending = "false";
+  }
+
+  // ---- images from files: upload button, drag and drop, paste ----------------------------
+  async function useFile(file) {
+    if (!file) return;
+    state.strokes = [];
+    state.upload = file;
+    try {
+      state.picture = await createImageBitmap(file);
+    } catch (error) {
+      state.picture = null; // a format the browser cannot show; the server may still read it
+    }
+    fitCanvas();
+    updateButtons();
+    predictNow();
+  }
+
+  $("upload").addEventListener("change", (event) => {
+    useFile(event.target.files[0]);
+    event.target.value = "";
+  });
+  const zone = $("drop-zone");
+  zone.addEventListener("dragover", (event) => {
+    event.preventDefault();
+    zone.classList.add("dragging");
+    $("drop-hint").hidden = false;
+  });
+  zone.addEventListener("dragleave", () => {
+    zone.classList.remove("dragging");
+    $("drop-hint").hidden = true;
+  });
+  zone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    zone.classList.remove("dragging");
+    $("drop-hint").hidden = true;
+    useFile(event.dataTransfer.files[0]);
+  });
+  // A file dropped beside the canvas must not make the browser leave the page.
+  document.addEventListener("dragover", (event) => event.preventDefault());
+  document.addEventListener("drop", (event) => event.preventDefault());
+  document.addEventListener("paste", (event) => {
+    const item = [...(event.clipboardData || { items: [] }).items].find((i) => i.kind === "file" && i.type.startsWith("image/"));
+    if (item) {
+      event.preventDefault();
+      useFile(item.getAsFile());
+    }
+  });
+
+  // ---- models --------------------------------------------------------------------------
+  async function loadModels() {
+    try {
+      const body = await (await fetch("api/models")).json();
+      state.models = body.models || [];
+      state.model = body.default || null;
+    } catch (error) {
+      return;
+    }
+    const select = $("model");
+    select.replaceChildren(...state.models.map((m) => {
+      const option = document.createElement("option");
+      option.value = m.name;
+      const accuracy = m.test_accuracy == null ? "" : `, ${(100 * m.test_accuracy).toFixed(2)}%`;
+      option.textContent = `${m.name} (${m.dataset || "?"}${accuracy})`;
+      return option;
+    }));
+    select.value = state.model;
+    $("model-choice").hidden = state.models.length < 2;
+  }
+  $("model").addEventListener("change", (event) => {
+    state.model = event.target.value;
+    predictNow();
+  });
+
+  if (window.ResizeObserver) new ResizeObserver(fitCanvas).observe(canvas);
+  window.addEventListener("resize", fitCanvas);
+  fitCanvas();
+  updateButtons();
+  result.dataset.pending = "false";
+  loadModels().then(() => document.body.dataset.ready = "true");
+})();
