@@ -95,3 +95,22 @@ def test_export_and_backend_errors(mnist_model, tmp_path):
     assert_one_line_error(cli("export", "--model", str(mnist_model), "--output",
                                   str(tmp_path / "missing" / "m.onnx")), "does not exist")
     assert_one_line_error(cli("export", "--model", str(tmp_path / "nothing")), "no such file or folder")
+
+
+def test_onnxruntime_prediction_never_imports_torch(exported, mnist, tmp_path):
+    """`predict --backend onnxruntime` reads, preprocesses and runs the ONNX session only:
+    torch (1.3 s of start-up) must not be imported at all."""
+    import subprocess
+    import sys
+
+    from test_preprocess import on_paper
+
+    image = tmp_path / "digit.png"
+    on_paper(mnist["test"][0][0]).save(image)
+    code = ("import sys\nfrom mnist_cnn.cli import main\n"
+            f"code = main(['predict', '--backend', 'onnxruntime', '--model', {str(exported)!r}, {str(image)!r}])\n"
+            "print('torch imported:', 'torch' in sys.modules)\nsys.exit(code)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"{image}: 7 ({result.stdout.split('(')[1].split(')')[0]})",
+                                          "torch imported: False"]

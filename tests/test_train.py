@@ -203,3 +203,35 @@ def test_bf16_autocast_trains_and_fp16_needs_cuda(tmp_path, small_data):
         assert_one_line_error(cli("train", "--precision", "fp16", "--run-dir", str(tmp_path / "fp16")),
                               "--precision fp16 needs a CUDA device")
         assert not (tmp_path / "fp16").exists()  # nothing left behind by a refused run
+
+
+def test_a_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_checkpoint(tmp_path, small_data, monkeypatch):
+    from mnist_cnn import train as training
+    from mnist_cnn.train import TrainingDiverged
+
+    calls = {"n": 0}
+    real_loss = training.batch_loss
+    steps = -(-3000 // 128)
+
+    def poisoned(*args, **kwargs):  # the 3rd step of epoch 2 goes wrong
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == steps + 3 else loss
+
+    monkeypatch.setattr(training, "batch_loss", poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="the loss became nan at epoch 2, step 3; the last checkpoint"):
+        train(small_config(epochs=3), run_dir=run, data_dir=str(small_data), progress=False, log=lambda m: None)
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["step"] == 0  # the good state after epoch 1
+    assert all(torch.isfinite(value).all() for value in state["model"].values())
+    assert not (run / "model.safetensors").exists()
+    monkeypatch.setattr(training, "batch_loss", real_loss)
+    resumed = training.resume(run, progress=False, log=lambda m: None)
+    assert resumed.completed and [r["epoch"] for r in resumed.metrics] == [1, 2, 3]
+
+
+def test_an_absurd_learning_rate_is_a_one_line_error(tmp_path, small_data):
+    result = cli("train", "--lr", "1e30", "--epochs", "1", "--dataset", "custom",
+                 "--data-dir", str(small_data), "--run-dir", str(tmp_path / "run"), "--no-progress")
+    assert_one_line_error(result, "the loss became", "at epoch 1, step", "lower --lr")

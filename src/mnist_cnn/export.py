@@ -87,7 +87,7 @@ def export_torchscript(wrapper: nn.Module, config, path: Path) -> Path:
     """A traced TorchScript module, with the config and class names as extra files.
     PyTorch deprecates TorchScript in favour of torch.export; it still loads in C++ (libtorch)
     and older runtimes, which is why users ask for it, so its warning is not repeated here."""
-    extra = {"config.json": json.dumps(config.to_dict()),
+    extra = {runs.CONFIG_FILE: json.dumps(config.to_dict()),  # the same name as in a run folder
              "classes.json": json.dumps(list(get_spec(config.dataset).classes))}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
