@@ -12,7 +12,8 @@ from PIL import Image
 
 from mnist_cnn.config import TrainConfig
 from mnist_cnn.data import load_dataset, scale
-from mnist_cnn.export import OnnxPredictor, export_model
+from mnist_cnn.export import export_model
+from mnist_cnn.predict import OnnxPredictor
 from mnist_cnn.preprocess import preprocess_file
 from mnist_cnn.train import train
 from tables import table
@@ -54,11 +55,10 @@ def user_image(digit: np.ndarray, path: Path) -> Path:
 
 def section_inference(args, device: torch.device, workdir: Path) -> tuple[str, dict]:
     run_dir = workdir / "inference-model"
-    train(TrainConfig(epochs=1), run_dir=run_dir, device=str(device), progress=False,
-          artifacts=False, log=lambda m: None)
-    from mnist_cnn.checkpoint import load_model
+    train(TrainConfig(epochs=1), run_dir=run_dir, device=str(device), progress=False, log=lambda m: None)
+    from mnist_cnn.runs import open_model
 
-    model, _ = load_model(run_dir, device=device)
+    model = open_model(run_dir, device=device).model
     test = load_dataset("mnist", splits=("test",), device=device)["test"]
     inputs = {batch: scale(test.images[:batch]) for batch in BATCHES}
 

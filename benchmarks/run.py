@@ -9,8 +9,10 @@ Every figure is measured in this run, on this machine; the Markdown file records
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -22,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import kernels as kernel_bench  # noqa: E402
 import seed_pipeline  # noqa: E402
 from inference import section_inference  # noqa: E402
 from tables import table  # noqa: E402
@@ -33,7 +36,7 @@ from mnist_cnn.model import build_model  # noqa: E402
 from mnist_cnn.runtime import cpu_model, resolve_device  # noqa: E402
 from mnist_cnn.train import train  # noqa: E402
 
-SECTIONS = ("epoch", "accuracy", "flops", "inference")
+SECTIONS = ("epoch", "accuracy", "flops", "inference", "kernels", "startup")
 
 
 def quiet(message: str) -> None:
@@ -47,6 +50,20 @@ def machine(device: torch.device) -> str:
             f"torch {torch.__version__}; device {device}")
 
 
+@contextlib.contextmanager
+def kernels_env(choice: str | None):
+    """MNIST_CNN_KERNELS=choice (None: unset, the default) for the duration."""
+    previous = os.environ.pop("MNIST_CNN_KERNELS", None)
+    if choice is not None:
+        os.environ["MNIST_CNN_KERNELS"] = choice
+    try:
+        yield
+    finally:
+        os.environ.pop("MNIST_CNN_KERNELS", None)
+        if previous is not None:
+            os.environ["MNIST_CNN_KERNELS"] = previous
+
+
 def our_epoch(config: TrainConfig, device: str, workdir: Path) -> dict:
     """One epoch of our pipeline (training pass + test pass), as `metrics.jsonl` times it."""
     run = tempfile.mkdtemp(dir=workdir)
@@ -57,7 +74,7 @@ def our_epoch(config: TrainConfig, device: str, workdir: Path) -> dict:
 def section_epoch(args, device: torch.device, workdir: Path) -> tuple[str, dict]:
     data = load_dataset("mnist", device="cpu")
     arrays = {split: (s.images[:, 0].numpy(), s.labels.numpy()) for split, s in data.items()}
-    seed_times, our_times, our_train = [], [], []
+    seed_times, our_times, our_train, torch_times, torch_train = [], [], [], [], []
     seed_accuracy = our_accuracy = 0.0
     for repeat in range(args.repeats):
         if device.type == "cpu":  # the tutorial's pipeline on the CPU; on a GPU we time only ours
@@ -72,8 +89,12 @@ def section_epoch(args, device: torch.device, workdir: Path) -> tuple[str, dict]
         our_times.append(record["seconds"])
         our_train.append(record["train_seconds"])
         our_accuracy = record["test_accuracy"]
+        with kernels_env("torch"):  # the same pipeline with torch's ops instead of mnist_cnn.kernels
+            record = our_epoch(TrainConfig(epochs=1, seed=repeat), str(device), workdir)
+        torch_times.append(record["seconds"])
+        torch_train.append(record["train_seconds"])
         print(f"  repeat {repeat + 1}: seed pipeline {seed_times[-1] if seed_times else float('nan'):.2f}s, "
-              f"ours {our_times[-1]:.2f}s", flush=True)
+              f"ours {our_times[-1]:.2f}s, ours with torch ops {torch_times[-1]:.2f}s", flush=True)
     rows = []
     if seed_times:
         rows.append(["tutorial's pipeline (re-created)", f"{min(seed_times):.2f}",
@@ -82,11 +103,15 @@ def section_epoch(args, device: torch.device, workdir: Path) -> tuple[str, dict]
     rows.append(["mnist-cnn (`mnist-cnn train --epochs 1`)", f"{min(our_times):.2f}",
                  f"{statistics.median(our_times):.2f}", f"{100 * our_accuracy:.2f} %",
                  f"**{ratio:.1f}×**" if seed_times else "–"])
+    rows.append(["mnist-cnn with `MNIST_CNN_KERNELS=torch` (torch's ops only)", f"{min(torch_times):.2f}",
+                 f"{statistics.median(torch_times):.2f}", "",
+                 f"{min(seed_times) / min(torch_times):.1f}×" if seed_times else "–"])
     text = ("### Epoch time, seed recipe (seed model, batch 128, Adam 1e-4, KL loss; training pass "
             f"+ test pass; {args.repeats} repeats, interleaved)\n\n"
             + table(["pipeline", "min s", "median s", "test acc after 1 epoch", "speed-up (min)"], rows)
             + "\n\nTarget: ours ≥ 4× faster.")
-    return text, {"seed": seed_times, "ours": our_times, "ours_train": our_train, "ratio": ratio}
+    return text, {"seed": seed_times, "ours": our_times, "ours_train": our_train, "ratio": ratio,
+                  "ours_torch_ops": torch_times, "ours_torch_ops_train": torch_train}
 
 
 def section_accuracy(args, device: torch.device, workdir: Path) -> tuple[str, dict]:
@@ -130,7 +155,9 @@ def training_flops_per_sample(device: torch.device) -> float:
     model = build_model("seed").to(device)
     x = torch.rand(128, 1, 28, 28, device=device)
     y = torch.randint(0, 10, (128,), device=device)
-    with FlopCounterMode(display=False) as counter:
+    # The model's nominal FLOPs, with torch's ops: the counter cannot see inside the custom
+    # kernels, which also skip work (a quarter of each convolution's backward).
+    with kernels_env("torch"), FlopCounterMode(display=False) as counter:
         kl_loss(model(x), y).backward()
     return counter.get_total_flops() / 128
 
@@ -153,16 +180,82 @@ def section_flops(args, device: torch.device, workdir: Path, epoch_figures: dict
     peak = matmul_gflops(device)
     if epoch_figures is None:
         epoch_figures = {"ours_train": [our_epoch(TrainConfig(epochs=1), str(device), workdir)["train_seconds"]]}
-    train_seconds = min(epoch_figures["ours_train"])
-    achieved = per_sample * 60000 / train_seconds / 1e9
-    rows = [[f"{per_sample / 1e6:.2f}", f"{per_sample * 60000 / 1e9:.1f}", f"{train_seconds:.2f}",
-             f"{achieved:.1f}", f"{peak:.0f}", f"{100 * achieved / peak:.0f} %",
-             f"{per_sample * 60000 / 1e9 / peak:.2f}"]]
-    text = ("### Achieved training GFLOP/s (seed recipe, batch 128; FLOPs counted by "
-            "torch.utils.flop_counter on forward + backward)\n\n"
-            + table(["MFLOP / sample", "GFLOP / epoch", "train pass s (min)", "achieved GFLOP/s",
-                     "fp32 matmul GFLOP/s (2048²)", "of matmul rate", "floor s / epoch"], rows))
-    return text, {"flops_per_sample": per_sample, "achieved_gflops": achieved, "matmul_gflops": peak}
+    passes = {"mnist-cnn (custom kernels where faster)": min(epoch_figures["ours_train"])}
+    if epoch_figures.get("ours_torch_ops_train"):
+        passes["mnist-cnn, `MNIST_CNN_KERNELS=torch`"] = min(epoch_figures["ours_torch_ops_train"])
+    floor = per_sample * 60000 / 1e9 / peak
+    rows, achieved = [], {}
+    for label, train_seconds in passes.items():
+        achieved[label] = per_sample * 60000 / train_seconds / 1e9
+        rows.append([label, f"{per_sample / 1e6:.2f}", f"{per_sample * 60000 / 1e9:.1f}", f"{train_seconds:.2f}",
+                     f"{achieved[label]:.1f}", f"{peak:.0f}", f"{100 * achieved[label] / peak:.0f} %",
+                     f"{floor:.2f}", f"{train_seconds / floor:.1f}×"])
+    text = ("### Achieved training GFLOP/s (seed recipe, batch 128; the model's FLOPs, counted by "
+            "torch.utils.flop_counter on forward + backward with torch's ops)\n\n"
+            + table(["training pass", "MFLOP / sample", "GFLOP / epoch", "train pass s (min)", "achieved GFLOP/s",
+                     "fp32 matmul GFLOP/s (2048²)", "of matmul rate", "floor s / epoch", "above floor"], rows))
+    main_label = next(iter(passes))
+    return text, {"flops_per_sample": per_sample, "achieved_gflops": achieved[main_label],
+                  "achieved_gflops_by_pass": achieved, "matmul_gflops": peak, "floor_seconds": floor}
+
+
+def section_kernels(args, device: torch.device, workdir: Path) -> tuple[str, dict]:
+    if device.type != "cpu":
+        return "### Custom training kernels\n\nCPU only; not measured on this device.", {}
+    text, figures = kernel_bench.measure(rounds=15, log=lambda line: print(line, flush=True))
+    return text, figures
+
+
+FIRST_STEP = """
+import os, sys, time
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+def first_step(optimizer, args, kwargs):
+    print(f"FIRST-STEP {time.time()!r}", file=sys.stderr, flush=True)
+    os._exit(0)
+
+register_optimizer_step_post_hook(first_step)
+from mnist_cnn.__main__ import main
+sys.argv = ["mnist-cnn", *sys.argv[1:]]
+main()
+"""
+
+
+def time_to_first_step(run_dir: Path, env: dict) -> float:
+    """Seconds from starting `mnist-cnn train` to the end of its first optimizer step."""
+    import subprocess
+
+    started = time.time()
+    result = subprocess.run([sys.executable, "-c", FIRST_STEP, "train", "--epochs", "1", "--run-dir",
+                             str(run_dir), "--no-progress", "--no-report"],
+                            env=env, capture_output=True, text=True, timeout=600)
+    for line in result.stderr.splitlines():
+        if line.startswith("FIRST-STEP "):
+            return float(line.split()[1]) - started
+    raise RuntimeError(f"`mnist-cnn train` never stepped:\n{result.stderr[-2000:]}")
+
+
+def section_startup(args, device: torch.device, workdir: Path) -> tuple[str, dict]:
+    """Time to the first step, as a user sees it; also with an empty cache (the first run on a
+    machine, which builds the custom kernels) and with torch's ops only."""
+    base = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
+        str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH")]))}
+    base.pop("MNIST_CNN_KERNELS", None)
+    cases = {"default (kernels cached)": base, "`MNIST_CNN_KERNELS=torch`": {**base, "MNIST_CNN_KERNELS": "torch"}}
+    samples: dict[str, list[float]] = {label: [] for label in cases}
+    samples["first run on this machine (builds the kernels)"] = []
+    for repeat in range(3):
+        for label, env in cases.items():
+            samples[label].append(time_to_first_step(Path(tempfile.mkdtemp(dir=workdir)) / "run", env))
+        empty_cache = {**base, "MNIST_CNN_CACHE": tempfile.mkdtemp(dir=workdir)}
+        samples["first run on this machine (builds the kernels)"].append(
+            time_to_first_step(Path(tempfile.mkdtemp(dir=workdir)) / "run", empty_cache))
+        print("  " + ", ".join(f"{label} {times[-1]:.2f}s" for label, times in samples.items()), flush=True)
+    rows = [[label, f"{min(times):.2f}", f"{statistics.median(times):.2f}"] for label, times in samples.items()]
+    text = ("### Time from `mnist-cnn train` to the first step (process start to the end of the first "
+            "optimizer step; 3 repeats, interleaved)\n\n" + table(["case", "min s", "median s"], rows))
+    return text, samples
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
                 text, figures[name] = section_accuracy(args, device, Path(workdir))
             elif name == "flops":
                 text, figures[name] = section_flops(args, device, Path(workdir), figures.get("epoch"))
+            elif name == "kernels":
+                text, figures[name] = section_kernels(args, device, Path(workdir))
+            elif name == "startup":
+                text, figures[name] = section_startup(args, device, Path(workdir))
             else:
                 text, figures[name] = section_inference(args, device, Path(workdir))
             print("\n" + text, flush=True)

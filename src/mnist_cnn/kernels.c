@@ -1,0 +1,492 @@
+/* Training kernels for the seed model's two convolution blocks, conv -> 2x2 max-pool -> ReLU.
+
+   Built at first use by mnist_cnn/kernels.py (cc -O3 -march=native) and called through ctypes;
+   every tensor is float32 and laid out as the comments say, every size a compile-time constant
+   of one of the wrappers at the end, so the compiler unrolls and vectorises the inner loops.
+
+   conv1_fused_fwd, conv2_fused_fwd: out = relu(maxpool(conv(x))) and idx (below) from the
+     block's input, weight and bias, the convolution computed here, its full-size map never
+     written.
+   pool_relu_fwd: the convolution's output y (B, H, W, C) channels-last -> out = relu(maxpool(y))
+     (any strides) and idx (B, H/2, W/2, C) uint8: the window position of the maximum,
+     0 1 / 2 3 in row-major order, the first of equal values as torch's max_pool2d takes it,
+     or 4 where the ReLU is closed (max <= 0) and no gradient flows.
+   conv_pool_bwd: from the gradient g of `out` and idx, the gradients of the convolution's
+     weight (Co, K, K, Ci), bias (Co) and, when dx is not NULL, of its input x (B, Hi, Wi, Ci).
+     Only one position in four of the convolution's output has a gradient, so this does a
+     quarter of the work of a dense convolution backward.
+
+   Threads split the batch; each accumulates its own weight gradient and the partial sums are
+   added in thread order, so a result depends only on the inputs and the thread count. */
+
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_THREADS 64
+
+typedef void (*chunk_fn)(void *arg, int thread, int64_t begin, int64_t end);
+
+struct chunk {
+    chunk_fn fn;
+    void *arg;
+    int thread;
+    int64_t begin, end;
+};
+
+static void *run_chunk(void *p) {
+    struct chunk *c = (struct chunk *)p;
+    c->fn(c->arg, c->thread, c->begin, c->end);
+    return NULL;
+}
+
+/* [0, n) in `threads` contiguous chunks, chunk 0 on the caller, the others on threads started
+   for this call and joined before it returns: no state survives a call, so concurrent callers
+   (threads or processes) and fork() need no care. (A pool of sleeping workers was tried: on
+   this busy 2-core machine, waking them cost more than starting threads, 100 vs 70 us.)
+   Returns the number of chunks. */
+static int parallel(chunk_fn fn, void *arg, int64_t n, int threads) {
+    struct chunk chunks[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS];
+    if (threads > n) threads = (int)n;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads < 1) threads = 1;
+    for (int t = 0; t < threads; t++) {
+        chunks[t] = (struct chunk){fn, arg, t, n * t / threads, n * (t + 1) / threads};
+    }
+    for (int t = 1; t < threads; t++) {
+        started[t] = pthread_create(&ids[t], NULL, run_chunk, &chunks[t]) == 0;
+        if (!started[t]) run_chunk(&chunks[t]);
+    }
+    run_chunk(&chunks[0]);
+    for (int t = 1; t < threads; t++) {
+        if (started[t]) pthread_join(ids[t], NULL);
+    }
+    return threads;
+}
+
+/* ------------------------------------------------------------------ forward: pool + ReLU */
+
+struct pool_args {
+    const float *y;
+    float *out;
+    uint8_t *idx;
+    int64_t osb, osh, osw, osc; /* strides of out, in elements, in (b, h, w, c) order */
+};
+
+static inline __attribute__((always_inline)) void pool_relu_chunk(
+    const struct pool_args *a, int64_t begin, int64_t end, const int H, const int W, const int C) {
+    const int Hp = H / 2, Wp = W / 2;
+    for (int64_t b = begin; b < end; b++) {
+        for (int py = 0; py < Hp; py++) {
+            const float *restrict r0 = a->y + ((b * H + 2 * py) * W) * C;
+            const float *restrict r1 = r0 + W * C;
+            float *restrict out = a->out + b * a->osb + py * a->osh;
+            uint8_t *restrict idx = a->idx + ((b * Hp + py) * Wp) * C;
+            for (int px = 0; px < Wp; px++) {
+                for (int c = 0; c < C; c++) {
+                    /* the first maximum in row-major order: row 0's pair, row 1's pair, then
+                       row 1 only if strictly greater */
+                    float m0 = r0[2 * px * C + c], v1 = r0[(2 * px + 1) * C + c];
+                    int k0 = 0;
+                    if (v1 > m0) { m0 = v1; k0 = 1; }
+                    float m1 = r1[2 * px * C + c], v3 = r1[(2 * px + 1) * C + c];
+                    int k1 = 2;
+                    if (v3 > m1) { m1 = v3; k1 = 3; }
+                    if (m1 > m0) { m0 = m1; k0 = k1; }
+                    const int open = m0 > 0.0f;
+                    out[px * a->osw + c * a->osc] = open ? m0 : 0.0f;
+                    idx[px * C + c] = (uint8_t)(open ? k0 : 4);
+                }
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ forward: conv1 fused */
+
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef float v16a __attribute__((vector_size(64)));
+
+static inline v16a select16(v16i mask, v16a a, v16a b) {
+    return (v16a)((mask & (v16i)a) | (~mask & (v16i)b));
+}
+
+/* conv1 (1 -> 6 channels, 5x5) + 2x2 max-pool + ReLU for one image, never materialising the
+   24x24 map. Lanes hold a pooled row in the output's own order, j = i*6 + c (i the pooled
+   column, c the channel; 72 lanes in 5 vectors, the last half used): four accumulator sets
+   give the window's four convolution outputs (top/bottom row x even/odd column), so pooling
+   is lane-wise. Input pixels reach the lanes through two expanded copies of each input row,
+   ex[r][p][i*6 + c] = img[r][2i + p] for p = 0, 1; column 2i + kw (+1) is then a plain load
+   at lane offset (kw / 2) * 6. Summation order is fixed per lane (bias, then kh, kw), so equal
+   input patches give equal values and ties break as torch's max_pool2d breaks them. */
+struct conv1_args {
+    const float *x;      /* (B, 28, 28) */
+    const float *w;      /* (6, 5, 5) */
+    const float *bias;   /* (6) */
+    float *out;          /* (B, 12, 12, 6) */
+    uint8_t *idx;        /* (B, 12, 12, 6) */
+};
+
+static void conv1_fused_chunk(void *arg, int thread, int64_t begin, int64_t end) {
+    (void)thread;
+    const struct conv1_args *a = (const struct conv1_args *)arg;
+    enum { N = 28, K = 5, C = 6, P = 12, V = 5, EX = 96 };
+    v16a wv[K][K][3], bv[3];
+    float lanes[48];
+    for (int kh = 0; kh < K; kh++)
+        for (int kw = 0; kw < K; kw++)
+            for (int m = 0; m < 3; m++) {
+                for (int l = 0; l < 16; l++) lanes[l] = a->w[((16 * m + l) % C) * K * K + kh * K + kw];
+                memcpy(&wv[kh][kw][m], lanes, 64);
+            }
+    for (int m = 0; m < 3; m++) {
+        for (int l = 0; l < 16; l++) lanes[l] = a->bias[(16 * m + l) % C];
+        memcpy(&bv[m], lanes, 64);
+    }
+    /* gather pattern of the expansion: chunk q, lane l -> pixel 2 * ((16q + l) / 6) (+1) */
+    v16i perm[EX / 16][2];
+    int base[EX / 16];
+    v16i live[EX / 16];
+    for (int q = 0; q < EX / 16; q++) {
+        base[q] = 2 * ((16 * q) / C);
+        for (int l = 0; l < 16; l++) {
+            const int i = (16 * q + l) / C;
+            perm[q][0][l] = 2 * i - base[q];
+            perm[q][1][l] = 2 * i + 1 - base[q];
+            live[q][l] = i < 14 ? -1 : 0;
+        }
+    }
+    float img[N * N + 32] __attribute__((aligned(64)));
+    float ex[N][2][EX] __attribute__((aligned(64)));
+    memset(img + N * N, 0, 32 * sizeof(float));
+    for (int64_t b = begin; b < end; b++) {
+        memcpy(img, a->x + b * N * N, N * N * sizeof(float));
+        for (int r = 0; r < N; r++) {
+            for (int q = 0; q < EX / 16; q++) {
+                v16a src;
+                memcpy(&src, img + r * N + base[q], 64);
+                for (int p = 0; p < 2; p++) {
+                    v16a e = __builtin_shuffle(src, perm[q][p]);
+                    e = (v16a)((v16i)e & live[q]);
+                    memcpy(&ex[r][p][16 * q], &e, 64);
+                }
+            }
+        }
+        float *out = a->out + b * P * P * C;
+        uint8_t *idx = a->idx + b * P * P * C;
+        for (int py = 0; py < P; py++) {
+            v16a acc[4][V]; /* 0: top even, 1: top odd, 2: bottom even, 3: bottom odd */
+            for (int s = 0; s < 4; s++)
+                for (int m = 0; m < V; m++) acc[s][m] = bv[m % 3];
+            for (int kh = 0; kh < K; kh++) {
+                for (int kw = 0; kw < K; kw++) {
+                    const float *e0 = &ex[2 * py + kh][kw & 1][(kw >> 1) * C];
+                    const float *o0 = &ex[2 * py + kh][(kw + 1) & 1][((kw + 1) >> 1) * C];
+                    const float *e1 = &ex[2 * py + 1 + kh][kw & 1][(kw >> 1) * C];
+                    const float *o1 = &ex[2 * py + 1 + kh][(kw + 1) & 1][((kw + 1) >> 1) * C];
+                    for (int m = 0; m < V; m++) {
+                        v16a t;
+                        const v16a w = wv[kh][kw][m % 3];
+                        memcpy(&t, e0 + 16 * m, 64); acc[0][m] += t * w;
+                        memcpy(&t, o0 + 16 * m, 64); acc[1][m] += t * w;
+                        memcpy(&t, e1 + 16 * m, 64); acc[2][m] += t * w;
+                        memcpy(&t, o1 + 16 * m, 64); acc[3][m] += t * w;
+                    }
+                }
+            }
+            float pooled[V * 16];
+            int32_t which[V * 16];
+            const v16a zero = {0};
+            for (int m = 0; m < V; m++) {
+                /* first maximum in row-major order, as pool_relu_chunk */
+                v16i g1 = acc[1][m] > acc[0][m];
+                v16a m0 = select16(g1, acc[1][m], acc[0][m]);
+                v16i k0 = g1 & 1;
+                v16i g3 = acc[3][m] > acc[2][m];
+                v16a m1 = select16(g3, acc[3][m], acc[2][m]);
+                v16i k1 = 2 + (g3 & 1);
+                v16i g = m1 > m0;
+                v16a mx = select16(g, m1, m0);
+                v16i k = (g & k1) | (~g & k0);
+                v16i open = mx > zero;
+                mx = select16(open, mx, zero);
+                k = (open & k) | (~open & 4);
+                memcpy(pooled + 16 * m, &mx, 64);
+                memcpy(which + 16 * m, &k, 64);
+            }
+            memcpy(out + py * P * C, pooled, P * C * sizeof(float));
+            for (int j = 0; j < P * C; j++) idx[py * P * C + j] = (uint8_t)which[j];
+        }
+    }
+}
+
+void conv1_fused_fwd(const float *x, const float *w, const float *bias, float *out, uint8_t *idx,
+                     int64_t batch, int threads) {
+    struct conv1_args a = {x, w, bias, out, idx};
+    parallel(conv1_fused_chunk, &a, batch, threads);
+}
+
+/* conv2 (6 -> 16 channels, 5x5) + 2x2 max-pool + ReLU, never materialising the 8x8 map. The 16
+   output channels are the 16 lanes of one vector; the four accumulators are one pooling
+   window's four positions, each weight vector loaded once for the four. */
+struct conv2_args {
+    const float *x;      /* (B, 12, 12, 6) */
+    const float *w;      /* (16, 5, 5, 6) */
+    const float *bias;   /* (16) */
+    float *out;          /* (B, 16, 4, 4) with strides osb, osh, osw, osc */
+    uint8_t *idx;        /* (B, 4, 4, 16) */
+    int64_t osb, osh, osw, osc;
+};
+
+static void conv2_fused_chunk(void *arg, int thread, int64_t begin, int64_t end) {
+    (void)thread;
+    const struct conv2_args *a = (const struct conv2_args *)arg;
+    enum { N = 12, K = 5, C = 6, O = 16, P = 4 };
+    v16a wt[K][K][C], bv;
+    float lanes[O];
+    for (int kh = 0; kh < K; kh++)
+        for (int kw = 0; kw < K; kw++)
+            for (int c = 0; c < C; c++) {
+                for (int o = 0; o < O; o++) lanes[o] = a->w[((o * K + kh) * K + kw) * C + c];
+                memcpy(&wt[kh][kw][c], lanes, 64);
+            }
+    memcpy(&bv, a->bias, 64);
+    const v16a zero = {0};
+    for (int64_t b = begin; b < end; b++) {
+        const float *img = a->x + b * N * N * C;
+        for (int py = 0; py < P; py++) {
+            for (int px = 0; px < P; px++) {
+                v16a acc[4] = {bv, bv, bv, bv}; /* window positions 0 1 / 2 3 */
+                for (int kh = 0; kh < K; kh++) {
+                    const float *r0 = img + ((2 * py + kh) * N + 2 * px) * C;
+                    const float *r1 = r0 + N * C;
+                    for (int kw = 0; kw < K; kw++) {
+                        for (int c = 0; c < C; c++) {
+                            const v16a w = wt[kh][kw][c];
+                            acc[0] += r0[kw * C + c] * w;
+                            acc[1] += r0[(kw + 1) * C + c] * w;
+                            acc[2] += r1[kw * C + c] * w;
+                            acc[3] += r1[(kw + 1) * C + c] * w;
+                        }
+                    }
+                }
+                v16i g1 = acc[1] > acc[0];
+                v16a m0 = select16(g1, acc[1], acc[0]);
+                v16i k0 = g1 & 1;
+                v16i g3 = acc[3] > acc[2];
+                v16a m1 = select16(g3, acc[3], acc[2]);
+                v16i k1 = 2 + (g3 & 1);
+                v16i g = m1 > m0;
+                v16a mx = select16(g, m1, m0);
+                v16i k = (g & k1) | (~g & k0);
+                v16i open = mx > zero;
+                mx = select16(open, mx, zero);
+                k = (open & k) | (~open & 4);
+                float *out = a->out + b * a->osb + py * a->osh + px * a->osw;
+                uint8_t *idx = a->idx + ((b * P + py) * P + px) * O;
+                for (int o = 0; o < O; o++) {
+                    out[o * a->osc] = mx[o];
+                    idx[o] = (uint8_t)k[o];
+                }
+            }
+        }
+    }
+}
+
+void conv2_fused_fwd(const float *x, const float *w, const float *bias, float *out, uint8_t *idx,
+                     int64_t batch, int64_t osb, int64_t osh, int64_t osw, int64_t osc, int threads) {
+    struct conv2_args a = {x, w, bias, out, idx, osb, osh, osw, osc};
+    parallel(conv2_fused_chunk, &a, batch, threads);
+}
+
+/* ------------------------------------------------------------------ backward */
+
+/* Unaligned vectors: GCC's vector extension, lowered to AVX-512, AVX2 or SSE by -march. */
+typedef float v8 __attribute__((vector_size(32), aligned(4), __may_alias__));
+typedef float v16 __attribute__((vector_size(64), aligned(4), __may_alias__));
+
+struct bwd_args {
+    const float *g;
+    int64_t gsb, gsh, gsw, gsc; /* strides of g, in elements, in (b, h, w, c) order */
+    const uint8_t *idx;
+    const float *x;
+    const float *w;
+    float *dx;      /* NULL: no input gradient */
+    float *partial; /* threads x (Co*K*K*Ci + Co) */
+    int64_t batch;
+};
+
+/* The weight gradient of output channel o keeps its K rows of K*Ci values in registers: NV
+   vectors of V lanes per row, V*NV >= K*Ci. A row is loaded whole, V*NV floats from where the
+   patch row starts, so it reads a few floats past the patch (into the next pixels, lanes that
+   are dropped); only the batch's last image, where that could run past the tensor, goes the
+   scalar way. */
+#define DEFINE_WEIGHT_GRAD(NAME, VT, V, NV)                                                    \
+    static inline __attribute__((always_inline)) void NAME(                                    \
+        const struct bwd_args *a, float *restrict dw, float *restrict db, int64_t begin,       \
+        int64_t end, const int Hi, const int Wi, const int Ci, const int Co, const int K) {    \
+        const int Hp = (Hi - K + 1) / 2, Wp = (Wi - K + 1) / 2, L = K * Ci;                    \
+        for (int o = 0; o < Co; o++) {                                                         \
+            VT acc[K][NV];                                                                     \
+            float tail[K * L];                                                                 \
+            float dbo = 0.0f;                                                                  \
+            for (int kh = 0; kh < K; kh++)                                                     \
+                for (int v = 0; v < NV; v++) acc[kh][v] = (VT){0};                             \
+            for (int j = 0; j < K * L; j++) tail[j] = 0.0f;                                    \
+            for (int64_t b = begin; b < end; b++) {                                            \
+                const int last = b == a->batch - 1;                                            \
+                const uint8_t *ib = a->idx + b * Hp * Wp * Co + o;                             \
+                const float *gb = a->g + b * a->gsb + o * a->gsc;                              \
+                for (int py = 0; py < Hp; py++) {                                              \
+                    for (int px = 0; px < Wp; px++) {                                          \
+                        /* branch-free: a closed ReLU (k == 4) adds zeros at position 0 */     \
+                        const int k = ib[(py * Wp + px) * Co] & 7;                             \
+                        const float gv = k == 4 ? 0.0f : gb[py * a->gsh + px * a->gsw];        \
+                        const int y = 2 * py + ((k >> 1) & 1), x = 2 * px + (k & 1);           \
+                        const float *xp = a->x + ((b * Hi + y) * Wi + x) * Ci;                 \
+                        dbo += gv;                                                             \
+                        if (!last) {                                                           \
+                            for (int kh = 0; kh < K; kh++)                                     \
+                                for (int v = 0; v < NV; v++)                                   \
+                                    acc[kh][v] += gv * *(const VT *)(xp + kh * Wi * Ci + v * V); \
+                        } else {                                                               \
+                            for (int kh = 0; kh < K; kh++)                                     \
+                                for (int j = 0; j < L; j++) tail[kh * L + j] += gv * xp[kh * Wi * Ci + j]; \
+                        }                                                                      \
+                    }                                                                          \
+                }                                                                              \
+            }                                                                                  \
+            for (int kh = 0; kh < K; kh++)                                                     \
+                for (int j = 0; j < L; j++)                                                    \
+                    dw[(o * K + kh) * L + j] = acc[kh][j / V][j % V] + tail[kh * L + j];       \
+            db[o] = dbo;                                                                       \
+        }                                                                                      \
+    }
+
+DEFINE_WEIGHT_GRAD(weight_grad_v8x1, v8, 8, 1)    /* rows of 5 (conv1) */
+DEFINE_WEIGHT_GRAD(weight_grad_v16x2, v16, 16, 2) /* rows of 30 (conv2) */
+
+static inline __attribute__((always_inline)) void input_grad(
+    const struct bwd_args *a, int64_t begin, int64_t end,
+    const int Hi, const int Wi, const int Ci, const int Co, const int K) {
+    const int Hp = (Hi - K + 1) / 2, Wp = (Wi - K + 1) / 2, L = K * Ci;
+    memset(a->dx + begin * Hi * Wi * Ci, 0, sizeof(float) * (end - begin) * Hi * Wi * Ci);
+    for (int64_t b = begin; b < end; b++) {
+        for (int py = 0; py < Hp; py++) {
+            for (int px = 0; px < Wp; px++) {
+                const float *gp = a->g + b * a->gsb + py * a->gsh + px * a->gsw;
+                const uint8_t *ip = a->idx + ((b * Hp + py) * Wp + px) * Co;
+                for (int o = 0; o < Co; o++) {
+                    const int k = ip[o];
+                    if (k == 4) continue;
+                    const float gv = gp[o * a->gsc];
+                    const int y = 2 * py + (k >> 1), x = 2 * px + (k & 1);
+                    float *restrict dxp = a->dx + ((b * Hi + y) * Wi + x) * Ci;
+                    const float *restrict wo = a->w + o * K * L;
+                    for (int kh = 0; kh < K; kh++) {
+                        for (int j = 0; j < L; j++) dxp[kh * Wi * Ci + j] += gv * wo[kh * L + j];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* The input gradient with the weights' rows in vectors, for rows of K*Ci <= 32 (conv2): per
+   pooled pixel and window position k, first the sum over the output channels whose maximum
+   sits at k of g * weight (in registers), then one add of that sum into the input gradient.
+   Each image is built in a padded local buffer, so the whole-vector adds may spill into the
+   next pixels (adding zero lanes) and never touch another thread's image. */
+static inline __attribute__((always_inline)) void input_grad_v16x2(
+    const struct bwd_args *a, int64_t begin, int64_t end,
+    const int Hi, const int Wi, const int Ci, const int Co, const int K) {
+    const int Hp = (Hi - K + 1) / 2, Wp = (Wi - K + 1) / 2, L = K * Ci;
+    float wpad[Co][K][32] __attribute__((aligned(64)));
+    float local[Hi * Wi * Ci + 32] __attribute__((aligned(64)));
+    memset(wpad, 0, sizeof(wpad));
+    for (int o = 0; o < Co; o++)
+        for (int kh = 0; kh < K; kh++)
+            for (int j = 0; j < L; j++) wpad[o][kh][j] = a->w[(o * K + kh) * L + j];
+    for (int64_t b = begin; b < end; b++) {
+        memset(local, 0, sizeof(local));
+        for (int py = 0; py < Hp; py++) {
+            for (int px = 0; px < Wp; px++) {
+                const float *gp = a->g + b * a->gsb + py * a->gsh + px * a->gsw;
+                const uint8_t *ip = a->idx + ((b * Hp + py) * Wp + px) * Co;
+                /* the channels grouped by window position without branches (the
+                   positions are data, branching on them mispredicts) */
+                int count[5] = {0, 0, 0, 0, 0}, members[5][Co];
+                for (int o = 0; o < Co; o++) {
+                    const int k = ip[o] & 7;
+                    members[k][count[k]++] = o;
+                }
+                for (int k = 0; k < 4; k++) {
+                    v16 acc[K][2];
+                    if (!count[k]) continue;
+                    for (int kh = 0; kh < K; kh++) acc[kh][0] = acc[kh][1] = (v16){0};
+                    for (int n = 0; n < count[k]; n++) {
+                        const int o = members[k][n];
+                        const float gv = gp[o * a->gsc];
+                        for (int kh = 0; kh < K; kh++) {
+                            acc[kh][0] += gv * *(const v16 *)&wpad[o][kh][0];
+                            acc[kh][1] += gv * *(const v16 *)&wpad[o][kh][16];
+                        }
+                    }
+                    float *dxp = local + ((2 * py + (k >> 1)) * Wi + 2 * px + (k & 1)) * Ci;
+                    for (int kh = 0; kh < K; kh++) {
+                        *(v16 *)(dxp + kh * Wi * Ci) += acc[kh][0];
+                        *(v16 *)(dxp + kh * Wi * Ci + 16) += acc[kh][1];
+                    }
+                }
+            }
+        }
+        memcpy(a->dx + b * Hi * Wi * Ci, local, sizeof(float) * Hi * Wi * Ci);
+    }
+}
+
+static void sum_partials(const float *partial, int threads, int64_t n, float *dw, float *db, int64_t nw) {
+    for (int64_t i = 0; i < n; i++) {
+        float s = partial[i];
+        for (int t = 1; t < threads; t++) s += partial[t * n + i];
+        if (i < nw) dw[i] = s; else db[i - nw] = s;
+    }
+}
+
+/* ------------------------------------------------------------------ the two blocks */
+
+#define DEFINE_BLOCK(NAME, HI, WI, CI, CO, K, WGRAD, XGRAD)                                                 \
+    static void NAME##_pool_chunk(void *arg, int thread, int64_t begin, int64_t end) {         \
+        (void)thread;                                                                          \
+        pool_relu_chunk((const struct pool_args *)arg, begin, end, HI - K + 1, WI - K + 1, CO); \
+    }                                                                                          \
+    void NAME##_pool_relu_fwd(const float *y, float *out, uint8_t *idx, int64_t batch,        \
+                              int64_t osb, int64_t osh, int64_t osw, int64_t osc, int threads) { \
+        struct pool_args a = {y, out, idx, osb, osh, osw, osc};                                \
+        parallel(NAME##_pool_chunk, &a, batch, threads);                                       \
+    }                                                                                          \
+    static void NAME##_bwd_chunk(void *arg, int thread, int64_t begin, int64_t end) {          \
+        const struct bwd_args *a = (const struct bwd_args *)arg;                               \
+        float *dw = a->partial + (int64_t)thread * (CO * K * K * CI + CO);                     \
+        WGRAD(a, dw, dw + CO * K * K * CI, begin, end, HI, WI, CI, CO, K);                     \
+        if (a->dx) XGRAD(a, begin, end, HI, WI, CI, CO, K);                                    \
+    }                                                                                          \
+    int NAME##_conv_pool_bwd(const float *g, int64_t gsb, int64_t gsh, int64_t gsw, int64_t gsc, \
+                             const uint8_t *idx, const float *x, const float *w, float *dw,    \
+                             float *db, float *dx, int64_t batch, int threads) {               \
+        const int64_t nw = (int64_t)CO * K * K * CI, n = nw + CO;                              \
+        float *partial = (float *)malloc(sizeof(float) * n * (threads < 1 ? 1 : threads));     \
+        if (!partial) return 1;                                                                \
+        struct bwd_args a = {g, gsb, gsh, gsw, gsc, idx, x, w, dx, partial, batch};             \
+        const int used = parallel(NAME##_bwd_chunk, &a, batch, threads);                       \
+        sum_partials(partial, used, n, dw, db, nw);                                            \
+        free(partial);                                                                         \
+        return 0;                                                                              \
+    }
+
+/* conv1: (B, 28, 28, 1) -> conv 5x5 -> (B, 24, 24, 6) -> pool -> (B, 12, 12, 6) */
+DEFINE_BLOCK(conv1, 28, 28, 1, 6, 5, weight_grad_v8x1, input_grad)
+/* conv2: (B, 12, 12, 6) -> conv 5x5 -> (B, 8, 8, 16) -> pool -> (B, 4, 4, 16) */
+DEFINE_BLOCK(conv2, 12, 12, 6, 16, 5, weight_grad_v16x2, input_grad_v16x2)

@@ -1,0 +1,290 @@
+"""Faster training kernels for the seed model's convolution blocks (conv -> 2x2 max-pool -> ReLU).
+
+Each block is one autograd Function:
+
+- forward: convolution, pooling and ReLU in one pass (FUSED; or torch's convolution, then
+  pooling and ReLU in one pass) that writes the pooled map and a uint8 window index, never the
+  full-size map, `max_pool2d_with_indices`' int64 indices or a separate ReLU;
+- backward, from the pooled gradient: only one position in four of the convolution's output
+  gets a gradient (and none where the ReLU is closed), so the weight, bias and input gradients
+  are gather/scatter loops over those positions, never the dense (B, C, 24, 24) gradient map
+  and a dense convolution backward.
+
+The loops are C (`kernels.c`), compiled at first use with the system's C compiler
+(`cc -O3 -march=native`), cached under the user cache directory and called through ctypes.
+No compiler, a failed build or an unsupported platform means the reference torch ops, always
+correct. `MNIST_CNN_KERNELS` chooses: `torch` (the reference ops), `custom` (these kernels
+wherever they apply), unset or `auto` (these kernels where they were measured faster; see
+DEFAULT_ON). The kernels serve training only (grad enabled, float32 on the CPU, no autocast);
+evaluation, export and tracing use the reference ops.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mnist_cnn import MnistCnnError
+
+ENV = "MNIST_CNN_KERNELS"
+CHOICES = ("auto", "torch", "custom")
+SOURCE = Path(__file__).with_name("kernels.c")
+CFLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-std=c11")
+
+# Where `auto` uses the kernels: measured faster (forward + backward of each block at batch 128
+# and 256, the whole step, and an epoch; channels-last, interleaved with the reference ops) on
+# an Intel Xeon with AVX-512 (KVM guest, 2 cores), 2026-11-30, with 1 thread: the cores were
+# shared with other jobs, which makes 2-thread timings scatter 2x (see the README and
+# benchmarks/kernels.py). AMD could not be measured: there `auto` keeps the reference ops
+# until someone measures it (MNIST_CNN_KERNELS=custom to try).
+# (Training runs that hung on 2026-11-30 ~13:30-13:40 met a worker pool that could miss its
+# first job; the pool is gone — each call starts and joins its own threads — and tests run two
+# trainings at once, in two processes and in two threads.)
+DEFAULT_ON: dict[str, dict[str, bool]] = {"GenuineIntel": {"conv1": True, "conv2": True}}
+# The block's convolution computed inside the kernel (no full-size map) rather than by torch
+# (oneDNN), where measured faster (same machine and runs as DEFAULT_ON).
+FUSED = {"conv1": True, "conv2": True}
+
+
+class KernelError(MnistCnnError):
+    """A bad MNIST_CNN_KERNELS value."""
+
+
+@dataclass(frozen=True)
+class Block:
+    """One conv -> pool -> ReLU block the C code is specialised for."""
+
+    name: str
+    in_channels: int
+    out_channels: int
+    size: int  # input height = width
+    kernel: int = 5
+
+    @property
+    def pooled(self) -> int:
+        return (self.size - self.kernel + 1) // 2
+
+
+BLOCKS = {"conv1": Block("conv1", 1, 6, 28), "conv2": Block("conv2", 6, 16, 12)}
+
+
+# ---------------------------------------------------------------- building the C library
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_failure: str | None = None
+
+
+def _cpu_signature() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            lines = [line for line in handle if line.startswith(("vendor_id", "model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor()
+
+
+def _cpu_vendor() -> str:
+    for line in _cpu_signature().splitlines():
+        if line.startswith("vendor_id"):
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc"))
+
+
+def library_path(compiler: str) -> Path:
+    """Cached build: one per source, compiler, flags and CPU (for -march=native)."""
+    from mnist_cnn.data import user_cache_dir
+
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), compiler.encode(), " ".join(CFLAGS).encode(), _cpu_signature().encode()):
+        key.update(part)
+        key.update(b"\0")
+    return user_cache_dir() / "kernels" / key.hexdigest()[:16] / "libmnistcnn_kernels.so"
+
+
+def _build(compiler: str) -> Path:
+    target = library_path(compiler)
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: a concurrent process sees the whole file or none.
+    handle, partial = tempfile.mkstemp(dir=target.parent, suffix=".so")
+    os.close(handle)
+    try:
+        subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", partial], check=True,
+                       capture_output=True, timeout=120)
+        os.replace(partial, target)
+    finally:
+        Path(partial).unlink(missing_ok=True)
+    return target
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.conv1_fused_fwd.argtypes = [p, p, p, p, p, i64, i32]
+    lib.conv1_fused_fwd.restype = None
+    lib.conv2_fused_fwd.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, i32]
+    lib.conv2_fused_fwd.restype = None
+    for name in BLOCKS:
+        forward = getattr(lib, f"{name}_pool_relu_fwd")
+        forward.argtypes = [p, p, p, i64, i64, i64, i64, i64, i32]
+        forward.restype = None
+        backward = getattr(lib, f"{name}_conv_pool_bwd")
+        backward.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p, p, i64, i32]
+        backward.restype = i32
+
+
+def load_library() -> ctypes.CDLL | None:
+    """The compiled kernels, built on first call; None (and `failure()` says why) if they
+    cannot be built or loaded here."""
+    global _library, _failure
+    if _library is not None or _failure is not None:
+        return _library
+    with _lock:
+        if _library is None and _failure is None:
+            compiler = _compiler()
+            if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+                _failure = f"kernels are built for x86-64 Linux only (this is {platform.system()} {platform.machine()})"
+            elif compiler is None:
+                _failure = "no C compiler found (set CC or install cc)"
+            else:
+                try:
+                    lib = ctypes.CDLL(str(_build(compiler)))
+                    _declare(lib)
+                    _library = lib
+                except (OSError, subprocess.SubprocessError, AttributeError) as error:
+                    detail = getattr(error, "stderr", b"") or b""
+                    _failure = f"building the kernels failed: {error} {detail.decode(errors='replace')[:500]}".strip()
+    return _library
+
+
+def failure() -> str | None:
+    """Why the kernels are unavailable, or None."""
+    return _failure
+
+
+# ---------------------------------------------------------------- choosing
+
+def mode() -> str:
+    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if value not in CHOICES:
+        raise KernelError(f"{ENV}={value!r} is not one of: {', '.join(CHOICES)}")
+    return value
+
+
+def wanted(name: str) -> bool:
+    """Whether block `name` should use the custom kernels (by MNIST_CNN_KERNELS and DEFAULT_ON)."""
+    choice = mode()
+    if choice == "torch":
+        return False
+    if choice == "auto" and not DEFAULT_ON.get(_cpu_vendor(), {}).get(name, False):
+        return False
+    return load_library() is not None
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor, block: Block) -> bool:
+    """Whether the kernels can compute this call: CPU float32 training-shaped inputs, no autocast."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and x.dim() == 4 and x.shape[0] > 0
+            and tuple(x.shape[1:]) == (block.in_channels, block.size, block.size)
+            and tuple(weight.shape) == (block.out_channels, block.in_channels, block.kernel, block.kernel)
+            and not torch.is_autocast_enabled("cpu"))
+
+
+# ---------------------------------------------------------------- the autograd Function
+
+def _bhwc_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    b, c, h, w = t.stride()
+    return b, h, w, c
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _empty_channels_last(batch: int, channels: int, size: int, *, dtype=torch.float32) -> torch.Tensor:
+    return torch.empty(batch, size, size, channels, dtype=dtype).permute(0, 3, 1, 2)
+
+
+class ConvPoolReLU(torch.autograd.Function):
+    """relu(max_pool2d(conv2d(x, weight, bias), 2)) with the kernels above."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, block: Block, flat_output: bool, fused: bool):
+        lib = load_library()
+        x = _channels_last(x)
+        weight_cl = _channels_last(weight)
+        batch, pooled, co = x.shape[0], block.pooled, block.out_channels
+        # `flat_output`: the plain (B, Co, h, w) layout, so that a following flatten is a view.
+        out = (torch.empty(batch, co, pooled, pooled) if flat_output
+               else _empty_channels_last(batch, co, pooled))
+        idx = torch.empty(batch, pooled, pooled, co, dtype=torch.uint8)
+        threads = torch.get_num_threads()
+        if fused and block.name == "conv1" and not flat_output:
+            lib.conv1_fused_fwd(x.data_ptr(), weight_cl.data_ptr(), bias.contiguous().data_ptr(),
+                                out.data_ptr(), idx.data_ptr(), batch, threads)
+        elif fused and block.name == "conv2":
+            lib.conv2_fused_fwd(x.data_ptr(), weight_cl.data_ptr(), bias.contiguous().data_ptr(),
+                                out.data_ptr(), idx.data_ptr(), batch, *_bhwc_strides(out), threads)
+        else:
+            y = _channels_last(F.conv2d(x, weight_cl, bias))  # (B, Co, H, W); oneDNN writes it channels-last
+            getattr(lib, f"{block.name}_pool_relu_fwd")(
+                y.data_ptr(), out.data_ptr(), idx.data_ptr(), batch, *_bhwc_strides(out), threads)
+        ctx.block = block
+        ctx.save_for_backward(x, weight_cl, idx)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        lib = load_library()
+        x, weight_cl, idx = ctx.saved_tensors
+        block: Block = ctx.block
+        batch = x.shape[0]
+        k, ci, co = block.kernel, block.in_channels, block.out_channels
+        grad_w = torch.empty(co, k, k, ci).permute(0, 3, 1, 2)  # (Co, Ci, K, K) channels-last
+        grad_b = torch.empty(co)
+        grad_x = _empty_channels_last(batch, ci, block.size) if ctx.needs_input_grad[0] else None
+        if grad.stride(1) == 0 or grad.dtype != torch.float32:  # expanded or cast gradients
+            grad = grad.float().contiguous()
+        status = getattr(lib, f"{block.name}_conv_pool_bwd")(
+            grad.data_ptr(), *_bhwc_strides(grad), idx.data_ptr(), x.data_ptr(), weight_cl.data_ptr(),
+            grad_w.data_ptr(), grad_b.data_ptr(), grad_x.data_ptr() if grad_x is not None else None,
+            batch, torch.get_num_threads())
+        if status != 0:
+            raise MemoryError("mnist-cnn kernels: out of memory in the convolution backward")
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The same block with torch's ops (ReLU after the pool: both monotone, so they commute)."""
+    return F.relu(F.max_pool2d(F.conv2d(x, weight, bias), 2, 2))
+
+
+def conv_pool_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, block: str,
+                   flat_output: bool = False, force: bool | None = None,
+                   fused: bool | None = None) -> torch.Tensor:
+    """relu(max_pool2d(conv2d(x, weight, bias), 2)) for the seed model's block `block`
+    (`conv1` or `conv2`): the custom kernels when `force` (or, if None, `wanted(block)`) and
+    they apply to these inputs, else the reference torch ops. `fused` (default: FUSED[block])
+    computes the convolution in the kernel too, instead of torch's. `flat_output` asks the
+    kernels for the contiguous layout (for a flatten that follows); the values are the same."""
+    spec = BLOCKS[block]
+    use = wanted(block) if force is None else (force and load_library() is not None)
+    if use and bias is not None and applies(x, weight, spec):
+        return ConvPoolReLU.apply(x, weight, bias, spec, flat_output, FUSED[block] if fused is None else fused)
+    return reference(x, weight, bias)

@@ -1,0 +1,304 @@
+"""The custom training kernels against torch's reference ops: values, gradients, determinism,
+the MNIST_CNN_KERNELS switch, and the fallback when they cannot be built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mnist_cnn import kernels
+from mnist_cnn.data import load_dataset, scale
+from mnist_cnn.losses import kl_loss
+from mnist_cnn.model import build_model, to_device
+
+needs_library = pytest.mark.skipif(kernels.load_library() is None,
+                                   reason=f"custom kernels unavailable: {kernels.failure()}")
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def block_inputs(block: str, x: torch.Tensor, seed: int = 0):
+    spec = kernels.BLOCKS[block]
+    torch.manual_seed(seed)
+    conv = torch.nn.Conv2d(spec.in_channels, spec.out_channels, spec.kernel)
+    conv = conv.to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    return x, conv.weight, conv.bias
+
+
+def run_block(block, x, weight, bias, grad, *, force, fused=False):
+    out = kernels.conv_pool_relu(x, weight, bias, block=block, force=force, fused=fused,
+                                 flat_output=block == "conv2")
+    return (out, *torch.autograd.grad(out, (x, weight, bias), grad))
+
+
+def assert_matches_reference(block, x, weight, bias, grad):
+    reference = run_block(block, x, weight, bias, grad, force=False)
+    for fused in (False, True):
+        ours = run_block(block, x, weight, bias, grad, force=True, fused=fused)
+        assert ours[0].grad_fn.name() == "ConvPoolReLUBackward"
+        if fused:  # its own convolution: the same sums in another order
+            torch.testing.assert_close(ours[0], reference[0], rtol=1e-5, atol=1e-5 * reference[0].abs().max().item())
+        else:  # torch's convolution, then max and ReLU, which are exact
+            assert torch.equal(ours[0], reference[0])
+        for name, a, b in zip(("input", "weight", "bias"), ours[1:], reference[1:]):
+            assert a.shape == b.shape
+            assert relative_error(a, b) <= 1e-5, (name, fused)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+def mnist_batch(count: int) -> torch.Tensor:
+    images = load_dataset("mnist", splits=("test",))["test"].images[:count]
+    return scale(images)
+
+
+@needs_library
+@pytest.mark.parametrize("batch", [1, 2, 7, 33])
+@pytest.mark.parametrize("block", ["conv1", "conv2"])
+def test_random_inputs_match_torch(block, batch):
+    spec = kernels.BLOCKS[block]
+    generator = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, spec.in_channels, spec.size, spec.size, generator=generator)
+    grad = torch.randn(batch, spec.out_channels, spec.pooled, spec.pooled, generator=generator)
+    assert_matches_reference(block, *block_inputs(block, x), grad)
+
+
+@needs_library
+@pytest.mark.parametrize("batch", [1, 65])
+def test_mnist_inputs_match_torch(batch):
+    # Real digits: the blank background gives conv outputs equal to the bias, so every pooling
+    # window there is a tie, and the gradient must go where torch's max_pool2d sends it.
+    x1, w1, b1 = block_inputs("conv1", mnist_batch(batch))
+    generator = torch.Generator().manual_seed(1)
+    grad1 = torch.randn(batch, 6, 12, 12, generator=generator)
+    assert_matches_reference("conv1", x1, w1, b1, grad1)
+    with torch.no_grad():
+        hidden = kernels.reference(x1, w1, b1)
+    x2, w2, b2 = block_inputs("conv2", hidden)
+    grad2 = torch.randn(batch, 16, 4, 4, generator=generator)
+    assert_matches_reference("conv2", x2, w2, b2, grad2)
+
+
+@needs_library
+def test_ties_and_closed_relu_follow_torch():
+    # All-equal windows (gradient to the top-left) and all-negative ones (no gradient).
+    x, weight, bias = block_inputs("conv1", torch.zeros(3, 1, 28, 28))
+    with torch.no_grad():
+        bias.copy_(torch.tensor([0.5, -0.5, 0.0, 1.0, -1.0, 2.0]))
+    grad = torch.ones(3, 6, 12, 12)
+    assert_matches_reference("conv1", x, weight, bias, grad)
+    _, _, grad_w, grad_b = run_block("conv1", x, weight, bias, grad, force=True, fused=True)
+    assert grad_b.tolist() == [432.0, 0.0, 0.0, 432.0, 0.0, 432.0]  # 3 images x 144 windows, open only
+
+
+@needs_library
+def test_expanded_and_plain_gradients():
+    x, weight, bias = block_inputs("conv2", torch.randn(5, 6, 12, 12))
+    ours = torch.autograd.grad(kernels.conv_pool_relu(x, weight, bias, block="conv2", force=True).sum(), (x, weight))
+    ref = torch.autograd.grad(kernels.reference(x, weight, bias).sum(), (x, weight))
+    for a, b in zip(ours, ref):
+        assert relative_error(a, b) <= 1e-5
+
+
+@needs_library
+def test_deterministic():
+    x, weight, bias = block_inputs("conv1", mnist_batch(64))
+    grad = torch.randn(64, 6, 12, 12, generator=torch.Generator().manual_seed(0))
+    for fused in (False, True):
+        first = run_block("conv1", x, weight, bias, grad, force=True, fused=fused)
+        second = run_block("conv1", x, weight, bias, grad, force=True, fused=fused)
+        for a, b in zip(first, second):
+            assert torch.equal(a, b)
+    x, weight, bias = block_inputs("conv2", torch.randn(64, 6, 12, 12))
+    grad = torch.randn(64, 16, 4, 4)
+    for fused in (False, True):
+        first = run_block("conv2", x, weight, bias, grad, force=True, fused=fused)
+        second = run_block("conv2", x, weight, bias, grad, force=True, fused=fused)
+        for a, b in zip(first, second):
+            assert torch.equal(a, b)
+
+
+def seed_step(images, labels, monkeypatch, choice: str):
+    monkeypatch.setenv(kernels.ENV, choice)
+    torch.manual_seed(0)
+    model = to_device(build_model("seed"), "cpu").train()
+    logits = model(images)
+    kl_loss(logits, labels).backward()
+    return logits, model
+
+
+@needs_library
+def test_seed_model_training_step_matches(monkeypatch):
+    images = mnist_batch(37)
+    labels = torch.arange(37) % 10
+    logits, ours = seed_step(images, labels, monkeypatch, "custom")
+    ref_logits, reference = seed_step(images, labels, monkeypatch, "torch")
+    assert logits.grad_fn is not None
+    # same dropout mask; conv1's fused convolution sums in another order
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5 * ref_logits.abs().max().item())
+    for (name, a), b in zip(ours.named_parameters(), reference.parameters()):
+        assert relative_error(a.grad, b.grad) <= 1e-5, name
+    assert list(ours.state_dict()) == list(reference.state_dict())
+
+
+def block_backends(model, images):
+    """grad_fn names of the model's pooled feature maps (via the flatten's input)."""
+    seen = []
+    handle = model.flatten.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].grad_fn))
+    try:
+        model(images)
+    finally:
+        handle.remove()
+    return seen[0].name() if seen[0] is not None else None
+
+
+@needs_library
+def test_switch_and_evaluation_use_torch_ops(monkeypatch):
+    images = mnist_batch(4)
+    model = to_device(build_model("seed"), "cpu").train()
+    monkeypatch.setenv(kernels.ENV, "custom")
+    assert block_backends(model, images) == "ConvPoolReLUBackward"
+    monkeypatch.setenv(kernels.ENV, "torch")
+    assert block_backends(model, images) == "ReluBackward0"
+    monkeypatch.setenv(kernels.ENV, "custom")
+    model.eval()  # evaluation and export run the plain ops, in any mode
+    assert block_backends(model, images) == "ReluBackward0"
+    with torch.inference_mode():
+        assert block_backends(model, images) is None
+    model.train()
+    with torch.no_grad():
+        assert block_backends(model, images) is None
+
+
+def test_bad_switch_value_is_one_line_error(monkeypatch):
+    monkeypatch.setenv(kernels.ENV, "fast")
+    with pytest.raises(kernels.KernelError, match="MNIST_CNN_KERNELS='fast' is not one of: auto, torch, custom"):
+        kernels.wanted("conv1")
+
+
+def test_failed_build_falls_back_to_torch(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels, "_library", None)
+    monkeypatch.setattr(kernels, "_failure", None)
+    monkeypatch.setenv("MNIST_CNN_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    assert kernels.load_library() is None
+    assert "building the kernels failed" in kernels.failure()
+    assert not list(tmp_path.rglob("*.so"))  # no half-built library left in the cache
+    x, weight, bias = block_inputs("conv1", torch.randn(2, 1, 28, 28))
+    out = kernels.conv_pool_relu(x, weight, bias, block="conv1", force=True)
+    assert out.grad_fn.name() == "ReluBackward0"
+    assert torch.equal(out, kernels.reference(x, weight, bias))
+
+
+@needs_library
+def test_threads_and_fork():
+    # The kernels' worker threads do not survive fork(): a child must start new ones, not hang.
+    # (The child calls the C library only: torch's own OpenMP pool may hang after a fork.)
+    import os
+
+    x, weight, bias = block_inputs("conv2", torch.randn(8, 6, 12, 12))
+    grad = torch.randn(8, 16, 4, 4)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        two = run_block("conv2", x, weight, bias, grad, force=True)
+        y = torch.randn(4, 8, 8, 16)
+        expected = F.max_pool2d(y.permute(0, 3, 1, 2), 2).relu().permute(0, 2, 3, 1).numpy()
+        out = torch.zeros(4, 4, 4, 16)
+        idx = torch.empty(4, 4, 4, 16, dtype=torch.uint8)
+        lib = kernels.load_library()
+        pid = os.fork()
+        if pid == 0:  # leave without pytest's teardown either way
+            lib.conv2_pool_relu_fwd(y.data_ptr(), out.data_ptr(), idx.data_ptr(), 4, 256, 64, 16, 1, 2)
+            os._exit(0 if (out.numpy() == expected).all() else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        torch.set_num_threads(1)
+        one = run_block("conv2", x, weight, bias, grad, force=True)
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in zip(one[1:], two[1:]):  # another split of the batch: same sums, other order
+        assert relative_error(a, b) <= 1e-6
+
+
+TRAIN_STEPS = """
+import torch
+from mnist_cnn import kernels
+from mnist_cnn.losses import kl_loss
+from mnist_cnn.model import build_model, to_device
+
+torch.set_num_threads(2)
+assert kernels.load_library() is not None, kernels.failure()
+torch.manual_seed(0)
+model = to_device(build_model("seed"), "cpu").train()
+optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+x, y = torch.rand(16, 1, 28, 28), torch.arange(16) % 10
+for _ in range(3):
+    optimizer.zero_grad()
+    loss = kl_loss(model(x), y)
+    loss.backward()
+    optimizer.step()
+print(repr(loss.item()))
+"""
+
+
+@needs_library
+def test_concurrent_trainings_finish_and_agree(tmp_path):
+    # Two training processes at once, each building the kernels into the same empty cache and
+    # training with two threads: both finish (no hang: a timeout fails the test) with the same
+    # loss, and one whole library is left in the cache.
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MNIST_CNN_KERNELS": "custom", "MNIST_CNN_CACHE": str(tmp_path)}
+    runs = [subprocess.Popen([sys.executable, "-c", TRAIN_STEPS], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = []
+    try:
+        for run in runs:
+            stdout, stderr = run.communicate(timeout=120)
+            assert run.returncode == 0, stderr[-2000:]
+            outputs.append(stdout.strip())
+    finally:
+        for run in runs:
+            run.kill()
+    assert outputs[0] == outputs[1] and float(outputs[0]) > 0
+    assert len(list(tmp_path.rglob("*.so"))) == 1
+
+
+@needs_library
+def test_concurrent_threads_in_one_process(monkeypatch):
+    import threading
+
+    monkeypatch.setenv(kernels.ENV, "custom")
+    images = mnist_batch(32)
+    labels = torch.arange(32) % 10
+    losses: dict[int, list[float]] = {}
+    models = []
+    for _ in range(2):  # built here: the threads share torch's random generator
+        torch.manual_seed(0)
+        models.append(to_device(build_model("seed"), "cpu").train())
+        models[-1].drop1.p = 0.0
+
+    def train(worker: int) -> None:
+        model = models[worker]
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        losses[worker] = []
+        for _ in range(10):
+            optimizer.zero_grad()
+            loss = kl_loss(model(images), labels)
+            loss.backward()
+            optimizer.step()
+            losses[worker].append(loss.item())
+
+    workers = [threading.Thread(target=train, args=(i,), daemon=True) for i in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    assert not any(worker.is_alive() for worker in workers), "a training thread hung"
+    assert losses[0] == losses[1]
