@@ -160,11 +160,14 @@ def main(argv: list[str] | None = None) -> int:
             process, host, port = start_server(model, backend)
             try:
                 load(host, port, images, truth, requests=100, clients=args.clients)  # warm-up
-                before = cpu_seconds(process.pid)
+                before, clients_before = cpu_seconds(process.pid), time.process_time()
                 result = load(host, port, images, truth, requests=args.requests, clients=args.clients)
-                after = cpu_seconds(process.pid)
+                after, clients_after = cpu_seconds(process.pid), time.process_time()
                 result["server_cpu_ms_per_request"] = (None if before is None or after is None
                                                        else 1e3 * (after - before) / args.requests)
+                # The clients are this process' threads: their CPU competes with the server's.
+                result["client_cpu_ms_per_request"] = 1e3 * (clients_after - clients_before) / args.requests
+                result["load_average"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
             finally:
                 process.send_signal(signal.SIGINT)
                 process.communicate(timeout=30)
@@ -173,10 +176,14 @@ def main(argv: list[str] | None = None) -> int:
                          f"{result['p95_ms']:.1f}", f"{result['p99_ms']:.1f}", f"{result['max_ms']:.1f}",
                          f"{result['errors']}", f"{100 * result['accuracy']:.1f} %",
                          "–" if result["server_cpu_ms_per_request"] is None
-                         else f"{result['server_cpu_ms_per_request']:.2f}"])
+                         else f"{result['server_cpu_ms_per_request']:.2f}",
+                         f"{result['client_cpu_ms_per_request']:.2f}",
+                         "–" if result["load_average"] is None else f"{result['load_average']:.1f}"])
             print(f"{backend}: {result['throughput']:.0f} requests/s, p50 {result['p50_ms']:.1f} ms, "
                   f"p95 {result['p95_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, {result['errors']} errors, "
-                  f"server CPU {result['server_cpu_ms_per_request']} ms/request",
+                  f"server CPU {result['server_cpu_ms_per_request']} ms/request, "
+                  f"client CPU {result['client_cpu_ms_per_request']:.2f} ms/request, "
+                  f"load average {result['load_average']}",
                   flush=True)
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     machine = (f"{cpu_name()}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}; "
@@ -188,7 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         f"black ink on a 280x280 white page, as the page sends them) from {args.clients} concurrent "
         f"keep-alive clients, after {100} warm-up requests.", "",
         table(["backend", "requests/s", "p50 ms", "p95 ms", "p99 ms", "max ms", "errors", "labels correct",
-               "server CPU ms / request"], rows),
+               "server CPU ms / request", "client CPU ms / request", "load average"], rows),
+        "",
+        "CPU ms / request: the server process' and the client threads' CPU time during the run, "
+        "divided by the requests; load average: the machine's 1-minute load after the run "
+        "(other jobs included).",
         ""])
     print(markdown)
     stem = Path(args.output) if args.output else RESULTS / f"{date}-serve-load"

@@ -22,7 +22,7 @@ from conftest import assert_one_line_error, run_cli
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from mnist_cnn import __version__  # noqa: E402
+from mnist_cnn import __version__, runs  # noqa: E402
 from mnist_cnn.preprocess import preprocess_file  # noqa: E402
 from mnist_cnn.serve.app import ServeSettings, create_app, load_models  # noqa: E402
 
@@ -64,7 +64,7 @@ def model_dirs(mnist_model, tmp_path_factory) -> list[Path]:
     for name in ("digits", "other"):
         folder = root / name
         folder.mkdir()
-        for file in ("model.safetensors", "model.json", "config.json"):
+        for file in (runs.MODEL_FILE, runs.MODEL_INFO_FILE, runs.CONFIG_FILE):
             if (mnist_model / file).is_file():
                 shutil.copy(mnist_model / file, folder / file)
         folders.append(folder)
@@ -243,7 +243,7 @@ def test_health_and_models(client, models, model_dirs, mnist_model):
     assert info["architecture"] == "seed" and info["dataset"] == "mnist" and info["backend"] == "torch"
     assert info["parameters"] == sum(p.numel() for p in model.parameters()) == 28214
     assert info["classes"] == [str(d) for d in range(10)]
-    document = json.loads((mnist_model / "model.json").read_text())
+    document = json.loads((mnist_model / runs.MODEL_INFO_FILE).read_text())
     assert {k: info["recipe"][k] for k in ("preset", "epochs", "lr")} == {k: document["config"][k] for k in ("preset", "epochs", "lr")}
     recorded = document["metrics"]["test_accuracy"]
     assert info["test_accuracy"] == pytest.approx(recorded) and 0.97 < info["test_accuracy"] <= 1
@@ -295,6 +295,18 @@ def test_cors_is_off_unless_asked(models, model_dirs, digits):
     allowed = TestClient(create_app(ServeSettings(model_paths=tuple(model_dirs),
                                                   cors_origins=("https://elsewhere.example",)), models=models))
     assert allowed.get("/api/health", headers=origin).headers["access-control-allow-origin"] == "https://elsewhere.example"
+
+
+def test_each_app_has_its_own_state_and_models_are_named_by_folder(models, model_dirs, digits, tmp_path):
+    from mnist_cnn.serve.app import model_name
+
+    first, second = (TestClient(create_app(ServeSettings(), models=models)) for _ in range(2))
+    assert post_image(first, user_png(digits[0][0])).status_code == 200
+    ok = dict(route="/api/predict", method="POST", status="200")
+    assert counter(first.get("/metrics").text, "mnist_cnn_http_requests_total", **ok) == 1
+    assert counter(second.get("/metrics").text, "mnist_cnn_http_requests_total", **ok) == 0
+    assert model_name(model_dirs[0]) == model_name(model_dirs[0] / runs.MODEL_FILE) == "digits"
+    assert model_name(tmp_path / "tutorial_weights.pt") == "tutorial_weights"
 
 
 def test_an_internal_failure_is_one_line_and_the_app_survives(models, model_dirs, digits):

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from mnist_cnn import MnistCnnError
 from mnist_cnn.config import DEVICES
+from mnist_cnn.serve.settings import BACKENDS, DEFAULT_MAX_BODY_BYTES, ServeSettings
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
-DEFAULT_MAX_BODY_BYTES = 10_000_000  # the same value as serve.app's, kept import-free here
 
 
 def _port(text: str) -> int:
@@ -39,7 +39,7 @@ def add_serve_parser(subparsers) -> None:
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default: {DEFAULT_HOST})")
     p.add_argument("--port", type=_port, default=DEFAULT_PORT,
                    help=f"(default: {DEFAULT_PORT}; 0 picks a free port)")
-    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+    p.add_argument("--backend", choices=BACKENDS, default="torch",
                    help="(default: torch; onnxruntime needs mnist-cnn export first)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="(default: auto)")
     p.add_argument("--max-body-bytes", type=_byte_count, default=DEFAULT_MAX_BODY_BYTES,
@@ -52,14 +52,8 @@ def add_serve_parser(subparsers) -> None:
 
 def resolve_models(values: list[str] | None) -> list[Path]:
     """Each --model as given; none given: the newest finished run, else the shipped model."""
-    try:
-        from mnist_cnn.runs import model_or_default
-    except ImportError:
-        model_or_default = None
-    if model_or_default is None:
-        if not values:
-            raise MnistCnnError("give --model RUN_DIR_OR_MODEL (a run folder of mnist-cnn train)")
-        return [Path(value) for value in values]
+    from mnist_cnn.runs import model_or_default
+
     return [Path(model_or_default(value)) for value in (values or [None])]
 
 
@@ -90,7 +84,7 @@ def _interrupt(signum, frame) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from mnist_cnn.serve.app import ServeSettings, create_app, load_models
+    from mnist_cnn.serve.app import create_app, load_models
 
     settings = ServeSettings(model_paths=tuple(resolve_models(args.model)), backend=args.backend,
                              device=args.device, max_body_bytes=args.max_body_bytes,
