@@ -177,3 +177,15 @@ def test_exif_turned_jpeg_photo_reads_upright(seven):
     assert overlap > 0.9, overlap
     ignored = preprocess_file(with_orientation(turned, 1, "JPEG", quality=95)).astype(int)
     assert np.minimum(ignored, reference).sum() / np.maximum(ignored, reference).sum() < 0.6
+
+
+def test_high_percentile_is_numpys_percentile():
+    from mnist_cnn.preprocess import high_percentile
+
+    rng = np.random.default_rng(0)
+    cases = [rng.random((40, 30), dtype=np.float32), np.zeros((9, 9), np.float32),
+             np.ones((5, 7), np.float32), (rng.random((28, 28)) > 0.9).astype(np.float32),
+             rng.integers(0, 3, (50, 50)).astype(np.float32), np.float32([[0.5]])]
+    for values in cases:
+        for q in (99.9, 99.0, 90.0, 50.0):
+            assert high_percentile(values, q) == pytest.approx(float(np.percentile(values, q)), abs=1e-6)
