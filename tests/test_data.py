@@ -28,6 +28,7 @@ from mnist_cnn.data import (
     load_idx,
     parse_images,
     parse_labels,
+    steps_per_epoch,
     train_batches,
 )
 
@@ -245,6 +246,9 @@ def test_batches_are_slices_of_a_seeded_permutation_scaled_like_to_tensor():
     assert x.dtype == torch.float32 and torch.equal(x, images[y].float() / 255)
     resumed = list(train_batches(split, 4, seed=3, epoch=1, start_step=2))
     assert torch.equal(resumed[0][1], batches[2][1])
-    shares = [torch.cat([y for _, y in train_batches(split, 4, seed=3, epoch=1, rank=r, world_size=2)])
-              for r in (0, 1)]
-    assert sorted(torch.cat(shares).tolist()) == list(range(10))
+    # Under torchrun the batch stays global: each step's slice is split among the ranks.
+    shares = [list(train_batches(split, 4, seed=3, epoch=1, rank=r, world_size=2)) for r in (0, 1)]
+    assert [[len(y) for _, y in share] for share in shares] == [[2, 2, 1], [2, 2, 1]]
+    for step, (_, y) in enumerate(batches):
+        assert torch.equal(shares[0][step][1], y[0::2]) and torch.equal(shares[1][step][1], y[1::2])
+    assert steps_per_epoch(10, 4) == 3

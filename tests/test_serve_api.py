@@ -26,7 +26,8 @@ from mnist_cnn import __version__, runs  # noqa: E402
 from mnist_cnn.preprocess import preprocess_file  # noqa: E402
 from mnist_cnn.serve.app import ServeSettings, create_app, load_models  # noqa: E402
 
-KEYS = {"label", "name", "probability", "probabilities", "top", "model"}
+KEYS = {"label", "name", "probability", "probabilities", "top", "model"}  # required
+ANSWER_KEYS = KEYS | {"unsure", "min_confidence"}
 
 
 def user_png(digit: np.ndarray, *, fmt: str = "PNG", mode: str = "L", page=(360, 300), at=(70, 40)) -> bytes:
@@ -111,7 +112,8 @@ def test_predict_multipart_matches_the_cli_path(client, models, digits):
         response = client.post("/api/predict", files={"file": ("digit.png", data, "image/png")})
         assert response.status_code == 200, response.text
         body = response.json()
-        assert set(body) == KEYS
+        assert set(body) == ANSWER_KEYS
+        assert body["unsure"] == (body["probability"] < body["min_confidence"])
         # Exactly what `mnist-cnn predict` computes: the same preprocessing, the same model.
         expected = models[0].predictor.probabilities(preprocess_file(data)[None])[0]
         np.testing.assert_allclose(body["probabilities"], expected, rtol=1e-5, atol=1e-6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ class LayerRow:
     padding: str
     output: tuple[int, ...]
     parameters: int
+    multiply_adds: int = 0  # per image: convolutions and linear layers
 
 
 def _pair(value, *, collapse: bool = False) -> str:
@@ -50,8 +52,15 @@ def layer_rows(model: nn.Module) -> list[LayerRow]:
             channels = f"{module.in_features}->{module.out_features}"
         elif isinstance(module, nn.Dropout):
             kernel = f"p={module.p}"
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            channels = str(module.num_features)
+        macs = 0
+        if isinstance(module, nn.Conv2d):  # one multiply-add per weight per output position
+            macs = output[0].numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+        elif isinstance(module, nn.Linear):
+            macs = output[0].numel() * module.in_features
         rows.append(LayerRow(names[module], type(module).__name__, kernel, channels, stride, padding,
-                             tuple(output.shape[1:]), sum(p.numel() for p in module.parameters())))
+                             tuple(output.shape[1:]), sum(p.numel() for p in module.parameters()), macs))
 
     leaves = [m for m in model.modules() if not list(m.children())]
     handles = [m.register_forward_hook(record) for m in leaves]
@@ -77,7 +86,13 @@ def format_summary(model: nn.Module, title: str) -> str:
     line = lambda row: "  ".join(  # noqa: E731
         cell.rjust(width) if index == len(row) - 1 else cell.ljust(width)
         for index, (cell, width) in enumerate(zip(row, widths))).rstrip()
-    return "\n".join([title, "input (b, 1, 28, 28)", line(headers), *map(line, cells)])
+    return "\n".join([title, "input (b, 1, 28, 28)", line(headers), *map(line, cells),
+                      f"multiply-adds per image: {sum(r.multiply_adds for r in rows):,}"])
+
+
+def multiply_adds(model: nn.Module) -> int:
+    """Multiply-adds of one forward pass per image (convolutions and linear layers)."""
+    return sum(row.multiply_adds for row in layer_rows(model))
 
 
 def summary(model: str | Path = "seed") -> str:

@@ -10,6 +10,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from mnist_cnn import MnistCnnError
+from mnist_cnn.calibrate import (DEFAULT_MIN_CONFIDENCE, model_min_confidence, model_temperature,
+                                  read_calibration, temper)
 from mnist_cnn.data import IMAGE_SIZE, scale_array
 from mnist_cnn.preprocess import ImageError, expand_paths, preprocess_file, to_image
 from mnist_cnn.runs import ONNX_FILE, CheckpointError, model_folder
@@ -31,6 +33,7 @@ class TorchPredictor:
         loaded = open_model(source, device=self.device)
         self.model, self.config, self.path, self.info = loaded.model, loaded.config, loaded.path, loaded.info
         self.classes = loaded.classes
+        self.temperature, self.min_confidence = _calibration(self.path, self.info)
 
     def probabilities(self, digits: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         """uint8 (N, 28, 28) → float32 (N, classes) softmax probabilities."""
@@ -40,7 +43,8 @@ class TorchPredictor:
         with torch.inference_mode():
             for start in range(0, len(digits), batch_size):
                 x = torch.from_numpy(scale_array(digits[start:start + batch_size])[:, None])
-                outputs.append(torch.softmax(self.model(x.to(self.device)).float(), dim=1).cpu())
+                logits = self.model(x.to(self.device)).float() / self.temperature
+                outputs.append(torch.softmax(logits, dim=1).cpu())
         return torch.cat(outputs).numpy() if outputs else np.zeros((0, len(self.classes)), np.float32)
 
     def describe(self) -> dict[str, Any]:
@@ -96,6 +100,8 @@ class OnnxPredictor:
         except (KeyError, ValueError, TypeError):
             self.config = TrainConfig()
         self.info = _read_info(self.path)
+        # The exported graph ends in the uncalibrated softmax; the temperature is applied here.
+        self.temperature, self.min_confidence = _calibration(self.path.with_suffix(".safetensors"), self.info)
         self.input_name = self.session.get_inputs()[0].name
 
     def run(self, x: np.ndarray) -> np.ndarray:
@@ -103,7 +109,7 @@ class OnnxPredictor:
         return self.session.run(None, {self.input_name: x})[0]
 
     def probabilities(self, digits: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-        outputs = [self.run(scale_array(digits[start:start + batch_size])[:, None])
+        outputs = [temper(self.run(scale_array(digits[start:start + batch_size])[:, None]), self.temperature)
                    for start in range(0, len(digits), batch_size)]
         return np.concatenate(outputs) if outputs else np.zeros((0, len(self.classes)), np.float32)
 
@@ -123,6 +129,8 @@ class EnsemblePredictor:
                                     "different classes; an ensemble needs the same data set")
         self.backend = self.members[0].backend
         self.config, self.info, self.path = self.members[0].config, {}, self.members[0].path
+        # Each member's probabilities are already calibrated; their thresholds are averaged.
+        self.min_confidence = float(np.mean([m.min_confidence for m in self.members]))
 
     def probabilities(self, digits: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         return np.mean([m.probabilities(digits, batch_size) for m in self.members], axis=0).astype(np.float32)
@@ -131,6 +139,12 @@ class EnsemblePredictor:
         members = [m.describe() for m in self.members]
         return {**members[0], "name": "ensemble of " + ", ".join(m["name"] for m in members),
                 "members": members, "test_accuracy": None}
+
+
+def _calibration(path: Path, info: dict[str, Any]) -> tuple[float, float]:
+    """(temperature, default --min-confidence) stored with the model (mnist_cnn.calibrate)."""
+    calibration = read_calibration(path, info)
+    return model_temperature(calibration), model_min_confidence(calibration)
 
 
 def _read_info(path: Path) -> dict[str, Any]:
@@ -179,6 +193,11 @@ class Prediction:
     probabilities: list[float] = field(default_factory=list)
     classes: tuple[str, ...] = ()
     error: str | None = None
+    min_confidence: float = 0.0  # below this top probability the answer is "unsure"
+
+    @property
+    def unsure(self) -> bool:
+        return float(self.probabilities[self.label]) < self.min_confidence
 
     @property
     def label(self) -> int:
@@ -194,7 +213,8 @@ class Prediction:
             return {"path": self.path, "error": self.error}
         return {"path": self.path, "label": self.label, "name": self.classes[self.label],
                 "probability": float(self.probabilities[self.label]),
-                "probabilities": [float(p) for p in self.probabilities], "top": self.top(k)}
+                "probabilities": [float(p) for p in self.probabilities], "top": self.top(k),
+                "unsure": self.unsure, "min_confidence": self.min_confidence}
 
     def to_text(self, k: int = 1) -> str:
         if self.error is not None:
@@ -202,6 +222,8 @@ class Prediction:
         digits = self.classes == tuple(str(d) for d in range(10))
         parts = [(f"{t['label']}" if digits else f"{t['name']} [{t['label']}]")
                  + f" ({100 * t['probability']:.2f}%)" for t in self.top(k)]
+        if self.unsure:
+            return f"{self.path}: unsure (best guess " + ", ".join(parts) + ")"
         return f"{self.path}: " + ", ".join(parts)
 
 
@@ -214,10 +236,13 @@ def _unique_name(stem: str, used: set[str]) -> str:
     return name
 
 
-def predict_files(predictor, inputs: list[str], *,
-                  save_preprocessed: str | Path | None = None) -> list[Prediction]:
+def predict_files(predictor, inputs: list[str], *, save_preprocessed: str | Path | None = None,
+                  min_confidence: float | None = None) -> list[Prediction]:
     """Preprocess each file and predict, in input order; a bad file gives a Prediction with
-    `error` set and the others are still processed."""
+    `error` set and the others are still processed. Answers whose top probability is below
+    `min_confidence` (default: the model's stored threshold) are marked unsure."""
+    if min_confidence is None:
+        min_confidence = getattr(predictor, "min_confidence", DEFAULT_MIN_CONFIDENCE)
     results: list[Prediction] = []
     digits: list[np.ndarray] = []
     pending: list[Prediction] = []  # results waiting for the model, in the order of `digits`
@@ -231,7 +256,7 @@ def predict_files(predictor, inputs: list[str], *,
             except ImageError as error:
                 results.append(Prediction(path=str(path), error=str(error).removeprefix(f"{path}: ")))
                 continue
-            pending.append(Prediction(path=str(path), classes=predictor.classes))
+            pending.append(Prediction(path=str(path), classes=predictor.classes, min_confidence=min_confidence))
             results.append(pending[-1])
     if save_preprocessed is not None:
         save_digits(Path(save_preprocessed), [Path(p.path) for p in pending], digits)

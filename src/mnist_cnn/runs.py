@@ -209,6 +209,8 @@ def save_model(run_dir: Path, model: "nn.Module", config: TrainConfig, info: dic
     weights = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     metadata = {"format": MODEL_FORMAT, "format_version": str(FORMAT_VERSION),
                 "config": json.dumps(config.to_dict())}
+    if "calibration" in info:  # the temperature and "unsure" threshold travel with the weights
+        metadata["calibration"] = json.dumps(info["calibration"])
     atomic_write_bytes(Path(run_dir) / MODEL_FILE, save(weights, metadata=metadata))
     document = {"format": MODEL_FORMAT, "format_version": FORMAT_VERSION, "config": config.to_dict(), **info}
     atomic_write_text(Path(run_dir) / MODEL_INFO_FILE, json.dumps(document, indent=2) + "\n")

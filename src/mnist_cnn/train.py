@@ -19,13 +19,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from mnist_cnn import MnistCnnError, runs
+from mnist_cnn import MnistCnnError, distributed, runs
 from mnist_cnn.config import TrainConfig, validate_train_config
-from mnist_cnn.data import Split, get_spec, load_dataset, steps_per_epoch, train_batches
-from mnist_cnn.evaluate import evaluate, evaluation_report
+from mnist_cnn.augment import augment, random_shift  # noqa: F401 (random_shift: public here too)
+from mnist_cnn.calibrate import calibrate, format_calibration
+from mnist_cnn.data import Split, get_spec, hold_out, load_dataset, steps_per_epoch, train_batches
+from mnist_cnn.distributed import World
+from mnist_cnn.evaluate import evaluate, evaluation_from_logits, evaluation_report, split_logits
 from mnist_cnn.losses import batch_loss
 from mnist_cnn.model import build_model, count_parameters, to_device
 from mnist_cnn.runtime import environment, resolve_device
@@ -43,6 +45,7 @@ class TrainResult:
     run_dir: Path
     metrics: list[dict[str, Any]]  # one record per finished epoch
     completed: bool  # False when stopped by Ctrl-C / SIGTERM (a checkpoint was saved)
+    main: bool = True  # False on the other ranks under torchrun: rank 0 alone reports
 
 
 @dataclass
@@ -63,6 +66,8 @@ class Run:
     step: int = 0  # steps done in that epoch
     loss_sum: torch.Tensor | None = None  # training loss summed over the epoch's images so far
     seconds: float = 0.0  # time spent in the epoch before a resume
+    world: World = field(default_factory=World)  # the processes this run is spread over
+    net: nn.Module | None = None  # the model under DistributedDataParallel, for training steps
 
     @property
     def total_steps(self) -> int:
@@ -82,18 +87,6 @@ def learning_rate(step: int, total_steps: int, config: TrainConfig) -> float:
         return config.lr * (step + 1) / warmup_steps
     remaining = max(1, total_steps - warmup_steps)
     return config.lr * max(0.0, (total_steps - step) / remaining)
-
-
-def random_shift(x: torch.Tensor, max_shift: int) -> torch.Tensor:
-    """Translate each image by its own random (dx, dy) in [-max_shift, max_shift], filling
-    with background (0). One gather for the whole batch; uses the global RNG."""
-    n, _, height, width = x.shape
-    padded = F.pad(x, (max_shift,) * 4)
-    offsets = torch.randint(0, 2 * max_shift + 1, (2, n, 1), device=x.device)
-    rows = offsets[0] + torch.arange(height, device=x.device)  # (n, height)
-    cols = offsets[1] + torch.arange(width, device=x.device)  # (n, width)
-    batch = torch.arange(n, device=x.device)[:, None, None]
-    return padded[batch, 0, rows[:, :, None], cols[:, None, :]].unsqueeze(1)
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -131,7 +124,9 @@ def format_epoch(record: dict[str, Any], epochs: int) -> str:
     width = len(str(epochs))
     return (f"epoch {record['epoch']:>{width}}/{epochs}  train_loss {record['train_loss']:.4f}  "
             f"test_loss {record['test_loss']:.4f}  test_acc {100 * record['test_accuracy']:.2f}% "
-            f"({record['test_correct']}/{record['test_total']})  {record['seconds']:.1f}s")
+            f"({record['test_correct']}/{record['test_total']})  "
+            + (f"val_acc {100 * record['val_accuracy']:.2f}%  " if "val_accuracy" in record else "")
+            + f"{record['seconds']:.1f}s")
 
 
 class StopRequest:
@@ -141,6 +136,10 @@ class StopRequest:
     def __init__(self) -> None:
         self.signal_name: str | None = None
         self._previous: dict[int, Any] = {}
+
+    @property
+    def name(self) -> str:  # under torchrun, the signal may have come to another rank
+        return self.signal_name or "a signal to another rank"
 
     def _handle(self, signum, frame) -> None:
         if self.signal_name is not None:
@@ -164,36 +163,60 @@ class StopRequest:
 def train(config: TrainConfig | None = None, *, run_dir: str | Path | None = None,
           device: str = "auto", data_dir: str | None = None, progress: bool = True,
           log: Log = print) -> TrainResult:
-    """Train `config` (the tutorial's recipe by default) into a new run folder."""
+    """Train `config` (the tutorial's recipe by default) into a new run folder; under
+    torchrun, one data-parallel run over all its processes (mnist_cnn.distributed)."""
     config = config or TrainConfig()
     validate_train_config(config)
     data_dir = str(Path(data_dir).expanduser().resolve()) if data_dir else None
-    run = build_run(config, device=device, data_dir=data_dir, log=log,
-                    run_dir=lambda: runs.create_run_dir(run_dir))
-    runs.write_metrics(run.run_dir, [])
-    runs.write_run_config(run.run_dir, {
-        "config": config.to_dict(), "data_dir": data_dir, "environment": environment(run.device),
-        "argv": sys.argv, "parameters": count_parameters(run.model), "steps_per_epoch": run.steps,
-        "started": datetime.now().astimezone().isoformat(timespec="seconds")})
-    return run_epochs(run, progress=progress, log=log)
+    with distributed.session(device) as world:
+        log = world.main_only(log)
+        run = build_run(config, device=str(world.device), data_dir=data_dir, log=log,
+                        run_dir=lambda: world.on_main(lambda: runs.create_run_dir(run_dir)))
+        join_world(run, world)
+
+        def start_folder() -> None:
+            runs.write_metrics(run.run_dir, [])
+            runs.write_run_config(run.run_dir, {
+                "config": config.to_dict(), "data_dir": data_dir, "environment": environment(run.device),
+                "argv": sys.argv, "parameters": count_parameters(run.model), "steps_per_epoch": run.steps,
+                "world_size": world.size,
+                "started": datetime.now().astimezone().isoformat(timespec="seconds")})
+
+        world.on_main(start_folder)
+        result = run_epochs(run, progress=progress and world.is_main, log=log)
+        result.main = world.is_main
+        return result
 
 
 def resume(run_dir: str | Path, *, device: str = "auto", data_dir: str | None = None,
            progress: bool = True, log: Log = print) -> TrainResult:
     """Continue the run in `run_dir` from its checkpoint, with its saved recipe; the final
-    weights are bit-identical to an uninterrupted run's."""
-    opened = runs.open_run(run_dir)
-    data_dir = data_dir or opened.data_dir
-    run = build_run(opened.config, device=device, data_dir=data_dir, log=log,
-                    run_dir=lambda: opened.run_dir)
-    if opened.checkpoint is None:
-        log(f"{opened.run_dir} has no checkpoint yet: starting the run over")
-    else:
-        restore(run, opened.checkpoint)
-        log(f"resuming {run.run_dir} at epoch {run.epoch + 1}/{run.config.epochs}"
-            + (f", step {run.step}/{run.steps}" if run.step else ""))
-    runs.write_metrics(run.run_dir, run.metrics)
-    return run_epochs(run, progress=progress, log=log)
+    weights are bit-identical to an uninterrupted run's with as many processes."""
+    with distributed.session(device) as world:
+        log = world.main_only(log)
+        opened = world.on_main(lambda: runs.open_run(run_dir))  # only rank 0 reads the folder
+        data_dir = data_dir or opened.data_dir
+        run = build_run(opened.config, device=str(world.device), data_dir=data_dir, log=log,
+                        run_dir=lambda: opened.run_dir)
+        join_world(run, world)
+        if opened.checkpoint is None:
+            log(f"{opened.run_dir} has no checkpoint yet: starting the run over")
+        else:
+            restore(run, opened.checkpoint)
+            if run.epoch >= run.config.epochs:
+                log(f"{run.run_dir} has finished its {run.config.epochs} epochs: writing its model again")
+            else:
+                log(f"resuming {run.run_dir} at epoch {run.epoch + 1}/{run.config.epochs}"
+                    + (f", step {run.step}/{run.steps}" if run.step else ""))
+            saved = opened.checkpoint.get("world_size", 1)
+            if saved != world.size:
+                log(f"the checkpoint was written by {saved} process(es), this run has {world.size}: "
+                    "random streams restart from (seed, epoch, step, rank), so the result differs "
+                    "from an uninterrupted run's (bit-identity needs the same world size)")
+        world.on_main(lambda: runs.write_metrics(run.run_dir, run.metrics))
+        result = run_epochs(run, progress=progress and world.is_main, log=log)
+        result.main = world.is_main
+        return result
 
 
 def build_run(config: TrainConfig, *, device: str, data_dir: str | None, log: Log,
@@ -207,6 +230,8 @@ def build_run(config: TrainConfig, *, device: str, data_dir: str | None, log: Lo
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
     data = load_dataset(config.dataset, data_dir, device=target, log=log)
+    if config.val_size:  # the same images in every process and on resume: a function of the seed
+        data["train"], data["val"] = hold_out(data["train"], config.val_size, seed=config.seed)
     torch.manual_seed(config.seed)
     model = to_device(build_model(config.model, num_classes=len(get_spec(config.dataset).classes)), target)
     return Run(config=config, run_dir=run_dir(), device=target, data_dir=data_dir, data=data,
@@ -221,19 +246,48 @@ def restore(run: Run, state: dict[str, Any]) -> None:
     run.optimizer.load_state_dict(state["optimizer"])
     if "scaler" in state:
         run.scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"], run.device)
+    restore_rng(run, state)
     run.epoch, run.step, run.metrics = state["epoch"], state["step"], list(state["metrics"])
     run.loss_sum, run.seconds = state["train_loss_sum"].to(run.device), state["epoch_seconds"]
 
 
+def restore_rng(run: Run, state: dict[str, Any]) -> None:
+    """Each rank's random stream as saved; under another world size, fresh streams from
+    (seed, epoch, step, rank): deterministic, but not the uninterrupted run's."""
+    saved = state.get("world_size", 1)
+    if saved == run.world.size:
+        set_rng_state(state["rng_ranks"][run.world.rank] if saved > 1 else state["rng"], run.device)
+    else:
+        torch.manual_seed(distributed.stream_seed(run.config.seed, state["epoch"], state["step"],
+                                                  run.world.rank))
+
+
+def join_world(run: Run, world: World) -> None:
+    """Make `run` one rank's replica of a data-parallel run (alone: nothing changes)."""
+    run.world = world
+    if world.size == 1:
+        return
+    smallest = len(run.data["train"]) - (run.steps - 1) * run.config.batch_size
+    if min(smallest, run.config.batch_size) < world.size:
+        raise MnistCnnError(f"--batch-size {run.config.batch_size}: a batch of {smallest} images "
+                            f"cannot give each of {world.size} processes one; choose another batch size")
+    run.net = world.wrap(run.model)
+    world.seed_rank(run.config.seed)
+
+
 def save_checkpoint(run: Run) -> None:
-    runs.save_checkpoint(run.run_dir, {
+    """Every rank's random state is gathered (a collective under torchrun); rank 0 writes the
+    unwrapped model's weights, so any number of processes can load them."""
+    states = run.world.gather(rng_state(run.device))
+    run.world.on_main(lambda: runs.save_checkpoint(run.run_dir, {
         "config": run.config.to_dict(), "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
-        "rng": rng_state(run.device), "epoch": run.epoch, "step": run.step,
+        "rng": states[0], "world_size": run.world.size,
+        **({"rng_ranks": states} if run.world.size > 1 else {}),
+        "epoch": run.epoch, "step": run.step,
         "train_loss_sum": run.loss_sum.detach().cpu(), "epoch_seconds": run.seconds,
         "metrics": run.metrics, "data_dir": run.data_dir,
-    })
+    }))
 
 
 # ---------------------------------------------------------------- the loop
@@ -248,16 +302,16 @@ def run_epochs(run: Run, *, progress: bool, log: Log) -> TrainResult:
             if not train_one_epoch(run, stop, progress=progress):
                 run.seconds = time.perf_counter() - started
                 save_checkpoint(run)
-                log(f"{stop.signal_name}: saved a checkpoint at epoch {run.epoch + 1}, step "
+                log(f"{stop.name}: saved a checkpoint at epoch {run.epoch + 1}, step "
                     f"{run.step}/{run.steps}; continue with: mnist-cnn train --resume {run.run_dir}")
                 return TrainResult(run.run_dir, run.metrics, completed=False)
             record = end_epoch(run, started)
             log(format_epoch(record, run.config.epochs))
-            if stop.signal_name and run.epoch < run.config.epochs:
-                log(f"{stop.signal_name}: saved a checkpoint after epoch {run.epoch}; "
+            if run.world.any(stop.signal_name is not None) and run.epoch < run.config.epochs:
+                log(f"{stop.name}: saved a checkpoint after epoch {run.epoch}; "
                     f"continue with: mnist-cnn train --resume {run.run_dir}")
                 return TrainResult(run.run_dir, run.metrics, completed=False)
-    save_final_model(run)
+    run.world.on_main(lambda: save_final_model(run, log=log))
     return TrainResult(run.run_dir, run.metrics, completed=True)
 
 
@@ -266,31 +320,35 @@ def train_one_epoch(run: Run, stop: StopRequest, *, progress: bool) -> bool:
     came in first (run.step then says how far it got)."""
     from tqdm import tqdm
 
-    config, optimizer = run.config, run.optimizer
-    run.model.train()
+    config, optimizer, world = run.config, run.optimizer, run.world
+    net = run.net or run.model
+    net.train()
     batches = train_batches(run.data["train"], config.batch_size, seed=config.seed,
-                            epoch=run.epoch, start_step=run.step)
+                            epoch=run.epoch, start_step=run.step, rank=world.rank, world_size=world.size)
     with tqdm(total=run.steps, initial=run.step, desc=f"epoch {run.epoch + 1}/{config.epochs}",
               unit="step", leave=False, file=sys.stderr, disable=None if progress else True) as bar:
         for x, y in batches:
             lr = learning_rate(run.epoch * run.steps + run.step, run.total_steps, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            if config.shift:
-                x = random_shift(x, config.shift)
+            x = augment(x, rotate=config.rotate, scale=config.scale, shift=config.shift)
             with autocast_context(config, run.device):
-                logits = run.model(x)
+                logits = net(x)
             loss = batch_loss(config.loss, logits.float(), y, label_smoothing=config.label_smoothing)
-            check_finite(loss, run)
+            summed = loss.detach() if config.loss == "kl" else loss.detach() * len(y)
+            if world.size > 1:  # the global batch's gradient and summed loss, as one process's
+                images = min(config.batch_size, len(run.data["train"]) - run.step * config.batch_size)
+                loss = world.objective(loss, images=images, mean=config.loss != "kl", share=len(y))
+                summed = world.all_sum(summed)
+            check_finite(summed, run)
             optimizer.zero_grad(set_to_none=True)
             run.scaler.scale(loss).backward()
             run.scaler.step(optimizer)
             run.scaler.update()
-            # Summed on the device: no host sync per step for the running total.
-            run.loss_sum = run.loss_sum + (loss.detach() if config.loss == "kl" else loss.detach() * len(y))
+            run.loss_sum = run.loss_sum + summed  # on the device: no extra host sync
             run.step += 1
             bar.update()
-            if stop.signal_name:
+            if world.any(stop.signal_name is not None):  # all ranks stop after the same step
                 return False
     return True
 
@@ -310,8 +368,12 @@ def end_epoch(run: Run, started: float) -> dict[str, Any]:
     """Evaluate on the test split, record the epoch in metrics.jsonl, save a checkpoint."""
     train_seconds = time.perf_counter() - started
     num_classes = len(get_spec(run.config.dataset).classes)
-    evaluation = evaluate(run.model, run.data["test"], loss=run.config.loss,
-                          batch_size=run.config.eval_batch_size, num_classes=num_classes)
+    evaluation = run.world.on_main(lambda: evaluate(  # rank 0 evaluates, the others wait
+        run.model, run.data["test"], loss=run.config.loss,
+        batch_size=run.config.eval_batch_size, num_classes=num_classes))
+    validation = run.world.on_main(lambda: evaluate(
+        run.model, run.data["val"], loss=run.config.loss, batch_size=run.config.eval_batch_size,
+        num_classes=num_classes)) if "val" in run.data else None
     seconds = time.perf_counter() - started
     record = {
         "epoch": run.epoch + 1,
@@ -320,24 +382,33 @@ def end_epoch(run: Run, started: float) -> dict[str, Any]:
         "test_accuracy": evaluation.accuracy,
         "test_correct": evaluation.correct,
         "test_total": evaluation.total,
+        **({"val_loss": validation.loss, "val_accuracy": validation.accuracy,
+            "val_correct": validation.correct, "val_total": validation.total} if validation else {}),
         "lr": learning_rate(run.epoch * run.steps + run.steps - 1, run.total_steps, run.config),
         "seconds": seconds,
         "train_seconds": train_seconds,
         "eval_seconds": seconds - train_seconds,
     }
     run.metrics.append(record)
-    runs.append_metrics(run.run_dir, record)
+    run.world.on_main(lambda: runs.append_metrics(run.run_dir, record))
     run.epoch, run.step, run.seconds = run.epoch + 1, 0, 0.0
     run.loss_sum = torch.zeros((), device=run.device)
     save_checkpoint(run)
     return record
 
 
-def save_final_model(run: Run) -> Path:
-    """model.safetensors and model.json, with the final test evaluation."""
+def save_final_model(run: Run, *, log: Log = print) -> Path:
+    """model.safetensors and model.json, with the final test evaluation; with a validation
+    split, also the temperature and "unsure" threshold fitted on it (mnist_cnn.calibrate)."""
     classes = get_spec(run.config.dataset).classes
-    evaluation = evaluate(run.model, run.data["test"], loss=run.config.loss,
-                          batch_size=run.config.eval_batch_size, num_classes=len(classes))
+    test_logits = split_logits(run.model, run.data["test"], batch_size=run.config.eval_batch_size)
+    evaluation = evaluation_from_logits(test_logits, run.data["test"].labels, loss=run.config.loss,
+                                        num_classes=len(classes), batch_size=run.config.eval_batch_size)
+    calibration = None
+    if "val" in run.data:
+        calibration = calibrate(split_logits(run.model, run.data["val"], batch_size=run.config.eval_batch_size),
+                                run.data["val"].labels, test_logits, run.data["test"].labels)
+        log(format_calibration(calibration))
     info = {
         "metrics": run.metrics[-1] if run.metrics else {},
         "evaluation": evaluation_report(evaluation, classes),
@@ -345,5 +416,6 @@ def save_final_model(run: Run) -> Path:
         "parameters": count_parameters(run.model),
         "environment": environment(run.device),
         "checkpoint_format_version": runs.FORMAT_VERSION,
+        **({"calibration": calibration} if calibration else {}),
     }
     return runs.save_model(run.run_dir, run.model, run.config, info)

@@ -60,11 +60,14 @@ def png_base64(digit: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def prediction(row: np.ndarray, classes: tuple[str, ...], model: str, *, top: int = TOP_K) -> dict[str, Any]:
-    """One row of probabilities → the API's answer (label, name, probability, top, ...)."""
+def prediction(row: np.ndarray, classes: tuple[str, ...], model: str, *, top: int = TOP_K,
+               min_confidence: float = 0.0) -> dict[str, Any]:
+    """One row of probabilities → the API's answer (label, name, probability, top, ...);
+    `unsure` when the top probability is below the model's `min_confidence`, as in predict."""
     label = int(np.argmax(row))
     order = np.argsort(row)[::-1][:top]
     return {"label": label, "name": classes[label], "probability": float(row[label]),
             "probabilities": [float(p) for p in row],
             "top": [{"label": int(i), "name": classes[i], "probability": float(row[i])} for i in order],
+            "unsure": bool(row[label] < min_confidence), "min_confidence": float(min_confidence),
             "model": model}

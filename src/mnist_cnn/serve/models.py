@@ -34,6 +34,12 @@ class ServedModel:
     def classes(self) -> tuple[str, ...]:
         return tuple(self.predictor.classes)
 
+    @property
+    def min_confidence(self) -> float:
+        """Below this top probability the answer is marked unsure (the model's calibrated
+        threshold; see mnist_cnn.calibrate)."""
+        return float(getattr(self.predictor, "min_confidence", 0.0))
+
     def probabilities(self, digits: np.ndarray, *, metrics=None) -> np.ndarray:
         """uint8 (N, 28, 28) → (N, classes), timed into `metrics.inference` when given."""
         with self.lock:  # one forward pass at a time per model; the CPU is shared anyway

@@ -21,6 +21,9 @@ class PredictResponse(BaseModel):
     probability: float = Field(description="its probability")
     probabilities: list[float] = Field(description="one probability per class, in class order")
     top: list[TopClass] = Field(description=f"the {TOP_K} most likely classes")
+    unsure: bool = Field(False, description="the top probability is below min_confidence: "
+                         "maybe not a digit at all (as `mnist-cnn predict` says unsure)")
+    min_confidence: float = Field(0.0, description="the model's threshold, chosen on its validation split")
     model: str = Field(description="name of the model that answered")
     preprocessed: str | None = Field(None, description="with ?preprocessed=1: the 28x28 image the "
                                      "model saw, a base64-encoded PNG")
@@ -34,6 +37,8 @@ class BatchItem(BaseModel):
     probability: float | None = None
     probabilities: list[float] | None = None
     top: list[TopClass] | None = None
+    unsure: bool | None = None
+    min_confidence: float | None = None
     model: str | None = None
     preprocessed: str | None = None
 

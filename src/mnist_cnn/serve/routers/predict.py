@@ -74,7 +74,8 @@ def predict_one(model: ServedModel, data: bytes, with_image: bool, metrics: Metr
     except ImageError as error:
         metrics.images.labels(model.name, "refused").inc()
         raise ApiError(422, str(error)) from None
-    result = prediction(model.probabilities(digit[None], metrics=metrics)[0], model.classes, model.name)
+    result = prediction(model.probabilities(digit[None], metrics=metrics)[0], model.classes, model.name,
+                        min_confidence=model.min_confidence)
     metrics.images.labels(model.name, "predicted").inc()
     if with_image:
         result["preprocessed"] = png_base64(digit)
@@ -97,7 +98,7 @@ def predict_many(model: ServedModel, files: list[tuple[str | None, bytes]], with
     if digits:
         rows = model.probabilities(np.stack(digits), metrics=metrics)
         for result, row, digit in zip(waiting, rows, digits):
-            result.update(prediction(row, model.classes, model.name))
+            result.update(prediction(row, model.classes, model.name, min_confidence=model.min_confidence))
             if with_image:
                 result["preprocessed"] = png_base64(digit)
             metrics.images.labels(model.name, "predicted").inc()

@@ -193,8 +193,9 @@
 
   function showResult(body, name) {
     const classes = classesOf(body.model) || body.probabilities.map((_, i) => String(i));
-    $("label").textContent = body.name;
-    $("probability").textContent = `${(100 * body.probability).toFixed(1)}%`;
+    // Below the model's calibrated threshold the answer is "unsure", as `mnist-cnn predict` says.
+    $("label").textContent = body.unsure ? `${body.name}?` : body.name;
+    $("probability").textContent = (body.unsure ? "unsure: " : "") + `${(100 * body.probability).toFixed(1)}%`;
     const bars = $("bars");
     if (bars.children.length !== classes.length || bars.dataset.model !== body.model) {
       bars.replaceChildren(...classes.map((cls) => {
