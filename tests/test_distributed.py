@@ -142,6 +142,24 @@ def test_two_processes_match_one_process(two_process_run, small_data, tmp_path, 
     assert losses[0] == pytest.approx(losses[1], rel=0.05), losses
 
 
+@pytest.mark.slow
+def test_two_processes_reach_one_process_accuracy_on_full_mnist(tmp_path, one_thread):
+    """The issue's check: same global batch, epochs and seed, final accuracy within 0.3
+    points. On the full MNIST the two runs land together (measured 2026-11-30 with this
+    recipe: gaps of 0.02, 0.01 and 0.06 points for seeds 0, 1, 2, while the seeds themselves
+    spread over 0.38 points); on the 3,000-image set above they do not (see ACCURACY_GAP)."""
+    recipe = ["--preset", "fast", "--epochs", "2", "--seed", "0", "--no-report", "--no-progress"]
+    two = run_cli("train", "--nproc", "2", *recipe, "--run-dir", str(tmp_path / "two"), env=env(),
+                  timeout=TIMEOUT)
+    assert two.returncode == 0, two.stderr
+    one = cli("train", *recipe, "--run-dir", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    two_accuracy, one_accuracy = final_accuracy(tmp_path / "two"), final_accuracy(tmp_path / "one")
+    assert two_accuracy > 0.97 and json.loads((tmp_path / "two" / "metrics.jsonl").read_text()
+                                              .splitlines()[-1])["test_total"] == 10000
+    assert abs(two_accuracy - one_accuracy) <= 0.003, (two_accuracy, one_accuracy)
+
+
 def test_two_nodes_form_one_run_with_the_same_weights(two_process_run, small_data, tmp_path):
     """Two torchrun invocations of one process each, joined by a c10d rendezvous on
     127.0.0.1 as two machines would be: world size 2 again, so the same weights."""
