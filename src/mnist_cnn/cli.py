@@ -12,13 +12,12 @@ import sys
 from dataclasses import MISSING
 from typing import Any, Callable, Sequence
 
-from mnist_cnn import MnistCnnError, __version__
+from mnist_cnn import MnistCnnError, __version__, config
 from mnist_cnn.config import (
     DEVICES,
     FINITE,
     PRESETS,
     Check,
-    TrainConfig,
     flag_name,
     recipe_fields,
 )
@@ -53,8 +52,8 @@ def value_parser(kind: Callable[[str], Any], check: Check | None) -> Callable[[s
     return parse
 
 
-POSITIVE_INT = value_parser(int, Check("positive integer", lambda v: v >= 1))
-NON_NEGATIVE_INT = value_parser(int, Check("non-negative integer", lambda v: v >= 0))
+POSITIVE_INT = value_parser(int, config.POSITIVE_INT)
+NON_NEGATIVE_INT = value_parser(int, config.NON_NEGATIVE_INT)
 
 
 def add_recipe_flags(group) -> None:
