@@ -14,7 +14,7 @@ from mnist_cnn.calibrate import (DEFAULT_MIN_CONFIDENCE, model_min_confidence, m
                                   read_calibration, temper)
 from mnist_cnn.data import IMAGE_SIZE, scale_array
 from mnist_cnn.preprocess import ImageError, expand_paths, preprocess_file, to_image
-from mnist_cnn.runs import ONNX_FILE, CheckpointError, model_folder
+from mnist_cnn.runs import ONNX_FILE, CheckpointError, model_folder, read_model_info
 
 BACKENDS = ("torch", "onnxruntime")
 
@@ -99,7 +99,7 @@ class OnnxPredictor:
             self.config = TrainConfig.from_dict(json.loads(metadata["config"]))
         except (KeyError, ValueError, TypeError):
             self.config = TrainConfig()
-        self.info = _read_info(self.path)
+        self.info = read_model_info(self.path)
         # The exported graph ends in the uncalibrated softmax; the temperature is applied here.
         self.temperature, self.min_confidence = _calibration(self.path.with_suffix(".safetensors"), self.info)
         self.input_name = self.session.get_inputs()[0].name
@@ -145,16 +145,6 @@ def _calibration(path: Path, info: dict[str, Any]) -> tuple[float, float]:
     """(temperature, default --min-confidence) stored with the model (mnist_cnn.calibrate)."""
     calibration = read_calibration(path, info)
     return model_temperature(calibration), model_min_confidence(calibration)
-
-
-def _read_info(path: Path) -> dict[str, Any]:
-    from mnist_cnn.runs import MODEL_INFO_FILE
-
-    try:
-        info = json.loads((model_folder(path) / MODEL_INFO_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return info if isinstance(info, dict) else {}
 
 
 def _description(predictor, *, parameters: int | None) -> dict[str, Any]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,9 +170,7 @@ def write_run_artifacts(run_dir: Path, results: SplitResults, model: nn.Module, 
                       format_summary(model, f"model {results.config.model!r}") + "\n")
     explanation_figure(explain_digit(model, results.images[0]), results.classes, run_dir / runs.EXPLAIN_FILE,
                        title=f"test image #0 (true: {results.classes[int(results.labels[0])]})")
-    info_path = run_dir / runs.MODEL_INFO_FILE
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    text = render_report(run_dir, results, runs.read_metrics(run_dir), info, images)
+    text = render_report(run_dir, results, runs.read_metrics(run_dir), runs.read_model_info(run_dir), images)
     output = output or run_dir / runs.REPORT_FILE
     atomic_write_text(output, text)
     return output

@@ -217,6 +217,15 @@ def save_model(run_dir: Path, model: "nn.Module", config: TrainConfig, info: dic
     return Path(run_dir) / MODEL_FILE
 
 
+def read_model_info(source: str | Path) -> dict[str, Any]:
+    """model.json beside a model (or in a run folder); {} where there is none or it is unreadable."""
+    try:
+        info = json.loads((model_folder(source) / MODEL_INFO_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
 def resolve_model_path(source: str | Path) -> Path:
     """A run folder → its model.safetensors (or its checkpoint while unfinished); a file as is."""
     path = Path(source)
@@ -354,13 +363,7 @@ def open_model(source: str | Path, *, device: "torch.device | str" = "cpu") -> L
             weights, config = _tutorial_weights(path, state), TrainConfig()
     model = build_model(config.model, num_classes=len(get_spec(config.dataset).classes))
     _fit_weights(path, model, weights, config.model)
-    info_path = model_folder(path) / MODEL_INFO_FILE
-    try:
-        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    except (OSError, ValueError):
-        info = {}
-    return LoadedModel(to_device(model, device).eval(), config, path, data_dir,
-                       info if isinstance(info, dict) else {})
+    return LoadedModel(to_device(model, device).eval(), config, path, data_dir, read_model_info(path))
 
 
 def load_split_for(loaded: LoadedModel, *, split: str = "test", dataset: str | None = None,
