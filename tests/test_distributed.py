@@ -61,6 +61,22 @@ def torchrun(*args: str, **kwargs) -> subprocess.Popen:
                             env={**os.environ, **env()}, **kwargs)
 
 
+def wait_for_listener(endpoint: str, process: subprocess.Popen, timeout: float = 60) -> None:
+    """Until something accepts connections at `endpoint` (host:port), while `process` lives."""
+    import time
+
+    host, port = endpoint.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        try:
+            with socket.create_connection((host, int(port)), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"nothing listened at {endpoint} within {timeout} s")
+
+
 def weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "model.safetensors"))
 
@@ -165,11 +181,17 @@ def test_two_nodes_form_one_run_with_the_same_weights(two_process_run, small_dat
     127.0.0.1 as two machines would be: world size 2 again, so the same weights."""
     run = tmp_path / "nodes"
     endpoint = f"127.0.0.1:{free_port()}"
-    nodes = [torchrun("--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
-                      "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "test",
-                      "--local-addr", "127.0.0.1", "-m", "mnist_cnn", "train", *RECIPE,
-                      *data_args(small_data), "--run-dir", str(run))
-             for rank in (0, 1)]
+    def node(rank: int) -> subprocess.Popen:
+        return torchrun("--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
+                        "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "test",
+                        "--local-addr", "127.0.0.1", "-m", "mnist_cnn", "train", *RECIPE,
+                        *data_args(small_data), "--run-dir", str(run))
+
+    # Both "machines" share 127.0.0.1, so each could take itself for the rendezvous host; as
+    # on real machines, node 0 (the endpoint's owner) comes up first and node 1 joins it.
+    first = node(0)
+    wait_for_listener(endpoint, first)
+    nodes = [first, node(1)]
     outputs = [node.communicate(timeout=TIMEOUT) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs
     assert_same_weights(run, two_process_run[0])
