@@ -123,14 +123,21 @@ def assert_one_line_error(result, *fragments: str, code: int = 2) -> None:
         assert fragment in lines[0], (fragment, lines[0])
 
 
+# The quick full-data recipe of `mnist_model`: the fast preset's one-cycle schedule squeezed
+# into 2 epochs (the preset's 8 reach 99.1-99.4 % but take 4x as long). Measured 2026-11-30:
+# 98.20, 97.83, 97.97 % for seeds 0, 1, 2 in one process; 98.16, 97.79, 97.94 % under
+# `--nproc 2` (test_distributed.py compares the two).
+MNIST_MODEL_RECIPE = {"epochs": 2, "seed": 0}
+
+
 @pytest.fixture(scope="session")
 def mnist_model(tmp_path_factory) -> Path:
-    """The seed architecture trained with `--preset fast` on the full MNIST (~99.2 %, about
-    15 s on 2 cores), once per test session; no pictures (tests that want them make them).
-    Tests must not change this folder: copy it first."""
+    """The seed architecture trained with `--preset fast --epochs 2` on the full MNIST
+    (about 98 %, 7 s on 2 cores), once per test session; no pictures (tests that want them
+    make them). Tests must not change this folder: copy it first."""
     from mnist_cnn.config import resolve_train_config
     from mnist_cnn.train import train
 
     run = tmp_path_factory.mktemp("model") / "run"
-    train(resolve_train_config("fast", {}), run_dir=run, progress=False, log=lambda m: None)
+    train(resolve_train_config("fast", MNIST_MODEL_RECIPE), run_dir=run, progress=False, log=lambda m: None)
     return run

@@ -69,7 +69,7 @@ def test_missing_cuda_is_a_clear_error(tmp_path):
 
 def test_train_in_a_fresh_folder_uses_runs_timestamp(tmp_path, small_data):
     result = cli("train", "--epochs", "1", "--dataset", "custom", "--data-dir", str(small_data),
-                     "--no-progress", cwd=tmp_path)
+                 "--no-progress", "--no-report", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1 and (runs[0] / "model.safetensors").is_file()

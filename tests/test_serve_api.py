@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, cli
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -346,5 +346,5 @@ def test_onnxruntime_backend_agrees_with_torch(client, model_dirs, tmp_path, dig
 
 
 def test_serve_command_errors_are_one_line(tmp_path):
-    assert_one_line_error(run_cli("serve", "--model", str(tmp_path / "missing")), "missing")
-    assert_one_line_error(run_cli("serve", "--port", "70000"), "port")
+    assert_one_line_error(cli("serve", "--model", str(tmp_path / "missing")), "missing")
+    assert_one_line_error(cli("serve", "--port", "70000"), "port")
