@@ -81,10 +81,15 @@ class CliResult:
 def cli(*args: str, cwd: Path | None = None, env: dict | None = None, stdin: bytes | None = None) -> CliResult:
     """Run `mnist-cnn ARGS` in this process (`main(argv)`), capturing stdout, stderr and the
     exit status: what a user sees, without paying for a fresh interpreter and torch import."""
+    import torch
+
     from mnist_cnn.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     saved_env, saved_cwd, saved_stdin = dict(os.environ), os.getcwd(), sys.stdin
+    # Commands set process-wide state a real process drops on exit (serve: one torch thread);
+    # later tests compare weights bit for bit with subprocesses, so it is put back.
+    saved_threads = torch.get_num_threads()
     try:
         os.environ.update(env or {})
         if cwd is not None:
@@ -101,6 +106,7 @@ def cli(*args: str, cwd: Path | None = None, env: dict | None = None, stdin: byt
         os.environ.clear()
         os.environ.update(saved_env)
         sys.stdin = saved_stdin
+        torch.set_num_threads(saved_threads)
     return CliResult(code, out.getvalue(), err.getvalue())
 
 
