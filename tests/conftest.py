@@ -11,12 +11,32 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import pytest
+# One torch (and OpenMP) thread per test process, set before anything imports torch: the
+# suite runs in two pytest-xdist workers on 2 cores, and two processes of 2 threads each
+# spin against each other (a training measured 5x slower). Subprocesses inherit it, so an
+# in-process run and a subprocess run still compute the same sums in the same order.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 from mnist_cnn.data import FILE_STEMS, IMAGE_MAGIC, LABEL_MAGIC, load_dataset
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The order in which the two test workers take modules: first the one whose first test
+# trains the shared `mnist_model`, then the longest (measured), so that the two workers
+# finish together and the modules that need the model find it trained; then the rest.
+MODULES_FIRST = ["test_accuracy.py", "test_distributed.py", "test_train.py", "test_serve_browser.py",
+                 "test_kernels.py"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return MODULES_FIRST.index(name) if name in MODULES_FIRST else len(MODULES_FIRST)
+
+    items.sort(key=rank)  # stable: the tests of a module keep their order
 FASHION_DIRS = [Path("/usr/share/datasets/fashion-mnist"), REPO.parent / "shared/data/fashion-mnist"]
 
 
@@ -140,10 +160,22 @@ MNIST_MODEL_RECIPE = {"epochs": 2, "seed": 0}
 def mnist_model(tmp_path_factory) -> Path:
     """The seed architecture trained with `--preset fast --epochs 2` on the full MNIST
     (about 98 %, 7 s on 2 cores), once per test session; no pictures (tests that want them
-    make them). Tests must not change this folder: copy it first."""
+    make them). Tests must not change this folder: copy it first. Under pytest-xdist the
+    workers share it: the first to need it trains it, the others wait for it."""
+    import shutil
+
+    from filelock import FileLock
+
     from mnist_cnn.config import resolve_train_config
     from mnist_cnn.train import train
 
-    run = tmp_path_factory.mktemp("model") / "run"
-    train(resolve_train_config("fast", MNIST_MODEL_RECIPE), run_dir=run, progress=False, log=lambda m: None)
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above each worker's own
+    run = root / "mnist-model" / "run"
+    with FileLock(str(root / "mnist-model.lock")):
+        if not (run / "model.json").is_file():
+            shutil.rmtree(run, ignore_errors=True)  # what a crashed worker left
+            train(resolve_train_config("fast", MNIST_MODEL_RECIPE), run_dir=run, progress=False,
+                  log=lambda m: None)
     return run
