@@ -169,23 +169,29 @@ def train(config: TrainConfig | None = None, *, run_dir: str | Path | None = Non
     validate_train_config(config)
     data_dir = str(Path(data_dir).expanduser().resolve()) if data_dir else None
     with distributed.session(device) as world:
-        log = world.main_only(log)
-        run = build_run(config, device=str(world.device), data_dir=data_dir, log=log,
-                        run_dir=lambda: world.on_main(lambda: runs.create_run_dir(run_dir)))
-        join_world(run, world)
+        return train_in_world(world, config, run_dir=run_dir, data_dir=data_dir, progress=progress, log=log)
 
-        def start_folder() -> None:
-            runs.write_metrics(run.run_dir, [])
-            runs.write_run_config(run.run_dir, {
-                "config": config.to_dict(), "data_dir": data_dir, "environment": environment(run.device),
-                "argv": sys.argv, "parameters": count_parameters(run.model), "steps_per_epoch": run.steps,
-                "world_size": world.size,
-                "started": datetime.now().astimezone().isoformat(timespec="seconds")})
 
-        world.on_main(start_folder)
-        result = run_epochs(run, progress=progress and world.is_main, log=log)
-        result.main = world.is_main
-        return result
+def train_in_world(world: distributed.World, config: TrainConfig, *, run_dir: str | Path | None,
+                   data_dir: str | None, progress: bool, log: Log) -> TrainResult:
+    """train() within its process group (the run's state is gone when this returns)."""
+    log = world.main_only(log)
+    run = build_run(config, device=str(world.device), data_dir=data_dir, log=log,
+                    run_dir=lambda: world.on_main(lambda: runs.create_run_dir(run_dir)))
+    join_world(run, world)
+
+    def start_folder() -> None:
+        runs.write_metrics(run.run_dir, [])
+        runs.write_run_config(run.run_dir, {
+            "config": config.to_dict(), "data_dir": data_dir, "environment": environment(run.device),
+            "argv": sys.argv, "parameters": count_parameters(run.model), "steps_per_epoch": run.steps,
+            "world_size": world.size,
+            "started": datetime.now().astimezone().isoformat(timespec="seconds")})
+
+    world.on_main(start_folder)
+    result = run_epochs(run, progress=progress and world.is_main, log=log)
+    result.main = world.is_main
+    return result
 
 
 def resume(run_dir: str | Path, *, device: str = "auto", data_dir: str | None = None,
@@ -193,30 +199,36 @@ def resume(run_dir: str | Path, *, device: str = "auto", data_dir: str | None = 
     """Continue the run in `run_dir` from its checkpoint, with its saved recipe; the final
     weights are bit-identical to an uninterrupted run's with as many processes."""
     with distributed.session(device) as world:
-        log = world.main_only(log)
-        opened = world.on_main(lambda: runs.open_run(run_dir))  # only rank 0 reads the folder
-        data_dir = data_dir or opened.data_dir
-        run = build_run(opened.config, device=str(world.device), data_dir=data_dir, log=log,
-                        run_dir=lambda: opened.run_dir)
-        join_world(run, world)
-        if opened.checkpoint is None:
-            log(f"{opened.run_dir} has no checkpoint yet: starting the run over")
+        return resume_in_world(world, run_dir, data_dir=data_dir, progress=progress, log=log)
+
+
+def resume_in_world(world: distributed.World, run_dir: str | Path, *, data_dir: str | None,
+                    progress: bool, log: Log) -> TrainResult:
+    """resume() within its process group (the run's state is gone when this returns)."""
+    log = world.main_only(log)
+    opened = world.on_main(lambda: runs.open_run(run_dir))  # only rank 0 reads the folder
+    data_dir = data_dir or opened.data_dir
+    run = build_run(opened.config, device=str(world.device), data_dir=data_dir, log=log,
+                    run_dir=lambda: opened.run_dir)
+    join_world(run, world)
+    if opened.checkpoint is None:
+        log(f"{opened.run_dir} has no checkpoint yet: starting the run over")
+    else:
+        restore(run, opened.checkpoint)
+        if run.epoch >= run.config.epochs:
+            log(f"{run.run_dir} has finished its {run.config.epochs} epochs: writing its model again")
         else:
-            restore(run, opened.checkpoint)
-            if run.epoch >= run.config.epochs:
-                log(f"{run.run_dir} has finished its {run.config.epochs} epochs: writing its model again")
-            else:
-                log(f"resuming {run.run_dir} at epoch {run.epoch + 1}/{run.config.epochs}"
-                    + (f", step {run.step}/{run.steps}" if run.step else ""))
-            saved = opened.checkpoint.get("world_size", 1)
-            if saved != world.size:
-                log(f"the checkpoint was written by {saved} process(es), this run has {world.size}: "
-                    "random streams restart from (seed, epoch, step, rank), so the result differs "
-                    "from an uninterrupted run's (bit-identity needs the same world size)")
-        world.on_main(lambda: runs.write_metrics(run.run_dir, run.metrics))
-        result = run_epochs(run, progress=progress and world.is_main, log=log)
-        result.main = world.is_main
-        return result
+            log(f"resuming {run.run_dir} at epoch {run.epoch + 1}/{run.config.epochs}"
+                + (f", step {run.step}/{run.steps}" if run.step else ""))
+        saved = opened.checkpoint.get("world_size", 1)
+        if saved != world.size:
+            log(f"the checkpoint was written by {saved} process(es), this run has {world.size}: "
+                "random streams restart from (seed, epoch, step, rank), so the result differs "
+                "from an uninterrupted run's (bit-identity needs the same world size)")
+    world.on_main(lambda: runs.write_metrics(run.run_dir, run.metrics))
+    result = run_epochs(run, progress=progress and world.is_main, log=log)
+    result.main = world.is_main
+    return result
 
 
 def build_run(config: TrainConfig, *, device: str, data_dir: str | None, log: Log,
