@@ -19,6 +19,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from mnist_cnn.data import FILE_STEMS, IMAGE_MAGIC, LABEL_MAGIC, load_dataset
 
@@ -63,6 +64,30 @@ def write_dataset(folder: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]]
         write_idx(folder / image_stem, images, IMAGE_MAGIC, compress=compress)
         write_idx(folder / label_stem, labels, LABEL_MAGIC, compress=compress)
     return folder
+
+
+# ---- what users' digit images look like (made from MNIST digits)
+
+
+def on_paper(digit: np.ndarray, *, canvas=(420, 300), at=(40, 70), size=168, ink=30, paper=235,
+             rng=None) -> Image.Image:
+    """What a user's scan looks like: dark ink on light paper, large, off-centre, a little noise."""
+    big = np.asarray(Image.fromarray(digit).resize((size, size), Image.Resampling.BICUBIC), np.float32) / 255
+    page = np.full((canvas[1], canvas[0]), float(paper), np.float32)
+    page[at[1]:at[1] + size, at[0]:at[0] + size] = paper - big * (paper - ink)
+    if rng is not None:
+        page += rng.normal(0, 4, page.shape)
+    return Image.fromarray(np.clip(page, 0, 255).astype(np.uint8))
+
+
+def user_png(digit: np.ndarray, *, fmt: str = "PNG", mode: str = "L", page=(360, 300), at=(70, 40)) -> bytes:
+    """An MNIST digit as a user's file looks: dark ink, 8x larger, off-centre on a white page."""
+    ink = Image.fromarray(255 - digit).resize((224, 224), Image.Resampling.BILINEAR)
+    sheet = Image.new("L", page, 255)
+    sheet.paste(ink, at)
+    buffer = io.BytesIO()
+    sheet.convert(mode).save(buffer, format=fmt)
+    return buffer.getvalue()
 
 
 @pytest.fixture(scope="session")

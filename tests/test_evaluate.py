@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,16 +81,17 @@ def test_bad_model_files_are_one_line_errors(tmp_path, small_data):
 
 
 class _Exploit:
+    """Unpickled, it would create the file at `path`."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
     def __reduce__(self):
-        return (open, ("/tmp/mnist-cnn-pwned", "w"))
+        return (open, (self.path, "w"))
 
 
 def test_a_malicious_pickle_is_refused_not_executed(tmp_path):
-    target = tmp_path / "checkpoint.pt"
-    torch.save({"format": "mnist-cnn-checkpoint", "payload": _Exploit()}, target, pickle_module=pickle)
-    import os
-
-    if os.path.exists("/tmp/mnist-cnn-pwned"):
-        os.unlink("/tmp/mnist-cnn-pwned")
+    target, pwned = tmp_path / "checkpoint.pt", tmp_path / "pwned"
+    torch.save({"format": "mnist-cnn-checkpoint", "payload": _Exploit(pwned)}, target, pickle_module=pickle)
     assert_one_line_error(cli("evaluate", str(target)), "not a readable checkpoint")
-    assert not os.path.exists("/tmp/mnist-cnn-pwned")
+    assert not pwned.exists()

@@ -65,7 +65,7 @@ def test_torchscript_export_matches(mnist_model, mnist, tmp_path):
 
 
 def test_predict_with_the_onnxruntime_backend(exported, mnist, tmp_path):
-    from test_preprocess import on_paper
+    from conftest import on_paper
 
     for index in range(3):
         on_paper(mnist["test"][0][index]).save(tmp_path / f"d{index}.png")
@@ -103,7 +103,7 @@ def test_onnxruntime_prediction_never_imports_torch(exported, mnist, tmp_path):
     import subprocess
     import sys
 
-    from test_preprocess import on_paper
+    from conftest import on_paper
 
     image = tmp_path / "digit.png"
     on_paper(mnist["test"][0][0]).save(image)

@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import assert_one_line_error, cli
 from mnist_cnn.preprocess import preprocess_file
-from test_preprocess import on_paper
+from conftest import on_paper
 
 
 @pytest.fixture(scope="module")

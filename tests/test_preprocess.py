@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import on_paper
 from mnist_cnn.runs import open_model
 from mnist_cnn.data import scale
 from mnist_cnn.preprocess import ImageError, center_of_mass, open_image, preprocess, preprocess_file
@@ -17,17 +18,6 @@ from mnist_cnn.preprocess import ImageError, center_of_mass, open_image, preproc
 @pytest.fixture(scope="module")
 def seven(mnist) -> np.ndarray:
     return mnist["test"][0][0]  # the first test digit, a 7
-
-
-def on_paper(digit: np.ndarray, *, canvas=(420, 300), at=(40, 70), size=168, ink=30, paper=235,
-             rng=None) -> Image.Image:
-    """What a user's scan looks like: dark ink on light paper, large, off-centre, a little noise."""
-    big = np.asarray(Image.fromarray(digit).resize((size, size), Image.Resampling.BICUBIC), np.float32) / 255
-    page = np.full((canvas[1], canvas[0]), float(paper), np.float32)
-    page[at[1]:at[1] + size, at[0]:at[0] + size] = paper - big * (paper - ink)
-    if rng is not None:
-        page += rng.normal(0, 4, page.shape)
-    return Image.fromarray(np.clip(page, 0, 255).astype(np.uint8))
 
 
 def transparent(digit: np.ndarray, *, color=(20, 20, 60), canvas=(300, 260), at=(90, 20), size=140) -> Image.Image:

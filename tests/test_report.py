@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import assert_one_line_error, cli
-from test_preprocess import on_paper
+from conftest import on_paper
 
 
 def decode_png(data: bytes) -> Image.Image:

@@ -18,7 +18,7 @@ from torch import nn
 from conftest import REPO, assert_one_line_error, cli
 from mnist_cnn import runs
 from mnist_cnn.data import load_dataset
-from test_preprocess import on_paper
+from conftest import on_paper
 
 
 class CNN_MNIST(nn.Module):

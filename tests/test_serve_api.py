@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import assert_one_line_error, cli
+from conftest import assert_one_line_error, cli, user_png
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -28,16 +28,6 @@ from mnist_cnn.serve.app import ServeSettings, create_app, load_models  # noqa: 
 
 KEYS = {"label", "name", "probability", "probabilities", "top", "model"}  # required
 ANSWER_KEYS = KEYS | {"unsure", "min_confidence"}
-
-
-def user_png(digit: np.ndarray, *, fmt: str = "PNG", mode: str = "L", page=(360, 300), at=(70, 40)) -> bytes:
-    """An MNIST digit as a user's file looks: dark ink, 8x larger, off-centre on a white page."""
-    ink = Image.fromarray(255 - digit).resize((224, 224), Image.Resampling.BILINEAR)
-    sheet = Image.new("L", page, 255)
-    sheet.paste(ink, at)
-    buffer = io.BytesIO()
-    sheet.convert(mode).save(buffer, format=fmt)
-    return buffer.getvalue()
 
 
 def encoded(image: Image.Image, fmt: str = "PNG", **options) -> bytes:

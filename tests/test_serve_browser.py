@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_serve_api import user_png
+from conftest import user_png
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
