@@ -19,6 +19,27 @@ def test_help_and_version():
     assert "(default: 0.0001)" in train_help and "(default: 128)" in train_help
 
 
+def test_the_installed_console_script(tmp_path):
+    """`mnist-cnn` as pip installed it (pyproject's [project.scripts]), in a real process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mnist_cnn import __version__
+
+    script = Path(sys.executable).with_name("mnist-cnn")
+    if not script.exists():
+        assert os.environ.get("CI") != "true", f"no {script}: the README's install puts it there"
+        pytest.skip(f"no {script} (pip install -e .)")
+    version = subprocess.run([str(script), "--version"], capture_output=True, text=True, cwd=tmp_path)
+    assert version.returncode == 0 and version.stdout.strip() == f"mnist-cnn {__version__}"
+    refused = subprocess.run([str(script), "train", "--epochs", "many"], capture_output=True, text=True,
+                             cwd=tmp_path)
+    assert_one_line_error(refused, "'many' is not a valid positive integer")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_help_does_not_import_torch():
     import subprocess
     import sys
