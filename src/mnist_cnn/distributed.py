@@ -207,14 +207,16 @@ class World:
         if self.rank > 0:
             torch.manual_seed(stream_seed(seed, self.rank))
 
-    def close(self, *, finished: bool = False) -> None:
+    def close(self, *, finished: bool = False, peers_lost: bool = False) -> None:
         """Leave the process group: after a barrier when the run `finished` (no rank tears
         down while another still talks to it), and once the DistributedDataParallel wrapper,
         which holds the group, is gone (collected here if it sits in a reference cycle).
         Destroying the group while the wrapper still lived, and freeing the wrapper after,
         ended one rank with SIGABRT ("terminate called without an active exception") once in
         about a dozen runs of the test suite, after a run had finished and saved its model.
-        So the training code must not hold the wrapper by now (its frames have returned)."""
+        So the training code must not hold the wrapper by now (its frames have returned).
+        When the peers are lost, the group is only dropped: freeing it waits on gloo's
+        threads, which may still wait on the dead peers, and this process is on its way out."""
         if self.grouped:
             import gc
 
@@ -226,7 +228,8 @@ class World:
                         dist.barrier()
                     except RuntimeError:  # a peer gone after the end: the launcher says so
                         pass
-                gc.collect()
+                if not peers_lost:
+                    gc.collect()
                 dist.destroy_process_group()
             self.grouped = False
 
@@ -285,17 +288,17 @@ def session(device: str = "auto") -> Iterator[World]:
     try:
         yield world
     except Exception as error:
-        if world.size > 1:  # the traceback's frames hold the wrapper: let close() free it
-            traceback.clear_frames(error.__traceback__)
         if world.size == 1 or not is_communication_error(error):
+            if world.size > 1:  # the traceback's frames hold the wrapper: let close() free it
+                traceback.clear_frames(error.__traceback__)
             world.close()
             raise
-        world.close()
+        world.close(peers_lost=True)
         raise DistributedError(
             f"rank {world.rank}: lost contact with the other processes ({_first_line(error)}); "
             "the run folder keeps its last checkpoint: continue with --resume RUN_DIR") from None
     except BaseException:  # KeyboardInterrupt, SystemExit
-        world.close()
+        world.close(peers_lost=True)
         raise
     world.close(finished=True)
 
