@@ -18,10 +18,10 @@ pytest.importorskip("onnxruntime")
 
 
 @pytest.fixture(scope="module")
-def exported(mnist_model, tmp_path_factory):
+def exported(shipped_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("export")
     run = folder / "run"
-    shutil.copytree(mnist_model, run)
+    shutil.copytree(shipped_model, run)
     result = cli("export", "--model", str(run), "--format", "onnx")
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""  # the exporter's chatter stays out of the user's terminal
@@ -51,8 +51,8 @@ def test_onnx_runtime_matches_torch_on_1000_test_images(exported, mnist):
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
-def test_torchscript_export_matches(mnist_model, mnist, tmp_path):
-    path = export_model(mnist_model, format="torchscript", output=tmp_path / "m.pt")
+def test_torchscript_export_matches(shipped_model, mnist, tmp_path):
+    path = export_model(shipped_model, format="torchscript", output=tmp_path / "m.pt")
     extra = {"config.json": ""}
     scripted = torch.jit.load(str(path), _extra_files=extra)
     assert json.loads(extra["config.json"])["model"] == "seed"
@@ -60,7 +60,7 @@ def test_torchscript_export_matches(mnist_model, mnist, tmp_path):
     x = torch.from_numpy(digits[:, None]).float() / 255
     with torch.inference_mode():
         theirs = scripted(x).numpy()
-    ours = TorchPredictor(mnist_model, device="cpu").probabilities(digits)
+    ours = TorchPredictor(shipped_model, device="cpu").probabilities(digits)
     assert np.array_equal(ours.argmax(1), theirs.argmax(1)) and np.abs(ours - theirs).max() <= 1e-5
 
 
@@ -84,15 +84,15 @@ def test_predict_with_the_onnxruntime_backend(exported, mnist, tmp_path):
     assert direct.returncode == 0 and direct.stdout.startswith(f"{tmp_path / 'd0.png'}: 7 (")
 
 
-def test_export_and_backend_errors(mnist_model, tmp_path):
-    assert_one_line_error(cli("predict", "--model", str(mnist_model), str(tmp_path),
+def test_export_and_backend_errors(shipped_model, tmp_path):
+    assert_one_line_error(cli("predict", "--model", str(shipped_model), str(tmp_path),
                                   "--backend", "onnxruntime"),
                           "no model.onnx here; create it with mnist-cnn export")
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a protobuf at all")
     assert_one_line_error(cli("predict", "--model", str(bad), str(tmp_path), "--backend", "onnxruntime"),
                           "not a loadable ONNX model")
-    assert_one_line_error(cli("export", "--model", str(mnist_model), "--output",
+    assert_one_line_error(cli("export", "--model", str(shipped_model), "--output",
                                   str(tmp_path / "missing" / "m.onnx")), "does not exist")
     assert_one_line_error(cli("export", "--model", str(tmp_path / "nothing")), "no such file or folder")
 

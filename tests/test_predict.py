@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import assert_one_line_error, cli
+from conftest import assert_one_line_error, cli, on_paper
 from mnist_cnn.preprocess import preprocess_file
-from conftest import on_paper
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +27,9 @@ def user_images(tmp_path_factory, mnist):
     return folder, labels
 
 
-def test_predict_json_lines_for_a_folder(user_images, mnist_model):
+def test_predict_json_lines_for_a_folder(user_images, shipped_model):
     folder, labels = user_images
-    result = cli("predict", "--model", str(mnist_model), str(folder), "--json")
+    result = cli("predict", "--model", str(shipped_model), str(folder), "--json")
     assert result.returncode == 1  # two files failed, the others were still predicted
     records = [json.loads(line) for line in result.stdout.splitlines()]
     by_name = {record["path"].rsplit("/", 1)[1]: record for record in records}
@@ -46,10 +45,10 @@ def test_predict_json_lines_for_a_folder(user_images, mnist_model):
     assert [r["path"] for r in records] == sorted(r["path"] for r in records)  # folder order kept
 
 
-def test_predict_text_top_k_and_saved_inputs(user_images, mnist_model, tmp_path):
+def test_predict_text_top_k_and_saved_inputs(user_images, shipped_model, tmp_path):
     folder, labels = user_images
     files = [str(folder / name) for name in sorted(labels)]
-    result = cli("predict", "--model", str(mnist_model / "model.safetensors"), *files,
+    result = cli("predict", "--model", str(shipped_model / "model.safetensors"), *files,
                      "--top", "3", "--save-preprocessed", str(tmp_path / "seen"))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -64,17 +63,17 @@ def test_predict_text_top_k_and_saved_inputs(user_images, mnist_model, tmp_path)
         assert np.array_equal(saved, preprocess_file(folder / name))
 
 
-def test_predict_usage_errors_exit_2(user_images, mnist_model, tmp_path):
+def test_predict_usage_errors_exit_2(user_images, shipped_model, tmp_path):
     folder, _ = user_images
     assert_one_line_error(cli("predict", "--model", str(tmp_path / "none"), str(folder)),
                           "no such file or folder")
-    assert_one_line_error(cli("predict", "--model", str(mnist_model), str(folder), "--top", "0"),
+    assert_one_line_error(cli("predict", "--model", str(shipped_model), str(folder), "--top", "0"),
                           "not a valid positive integer")
 
 
-def test_missing_image_and_empty_folder_are_failures_not_crashes(mnist_model, tmp_path):
+def test_missing_image_and_empty_folder_are_failures_not_crashes(shipped_model, tmp_path):
     (tmp_path / "empty").mkdir()
-    result = cli("predict", "--model", str(mnist_model), str(tmp_path / "missing.png"),
+    result = cli("predict", "--model", str(shipped_model), str(tmp_path / "missing.png"),
                      str(tmp_path / "empty"))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "missing.png: error: file not found" in result.stderr

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import assert_one_line_error, cli
-from conftest import on_paper
+from conftest import assert_one_line_error, cli, on_paper
 
 
 def decode_png(data: bytes) -> Image.Image:

@@ -15,10 +15,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import REPO, assert_one_line_error, cli
+from conftest import assert_one_line_error, cli, on_paper, REPO
 from mnist_cnn import runs
 from mnist_cnn.data import load_dataset
-from conftest import on_paper
 
 
 class CNN_MNIST(nn.Module):

@@ -48,16 +48,16 @@ def bomb_png() -> bytes:
 
 
 @pytest.fixture(scope="module")
-def model_dirs(mnist_model, tmp_path_factory) -> list[Path]:
-    """Two run folders holding the trained model, named 'digits' and 'other'."""
+def model_dirs(shipped_model, tmp_path_factory) -> list[Path]:
+    """Two folders holding the shipped model, named 'digits' and 'other'."""
     root = tmp_path_factory.mktemp("serve-models")
     folders = []
     for name in ("digits", "other"):
         folder = root / name
         folder.mkdir()
         for file in (runs.MODEL_FILE, runs.MODEL_INFO_FILE, runs.CONFIG_FILE):
-            if (mnist_model / file).is_file():
-                shutil.copy(mnist_model / file, folder / file)
+            if (shipped_model / file).is_file():
+                shutil.copy(shipped_model / file, folder / file)
         folders.append(folder)
     return folders
 
@@ -224,7 +224,7 @@ def test_batch_reports_each_file_in_order(client, digits):
     assert raw.status_code == 415 and set(raw.json()) == {"error"}
 
 
-def test_health_and_models(client, models, model_dirs, mnist_model):
+def test_health_and_models(client, models, model_dirs, shipped_model):
     assert client.get("/api/health").json() == {"status": "ok", "version": __version__,
                                                 "models": ["digits", "other"]}
     response = client.get("/api/models")
@@ -235,7 +235,7 @@ def test_health_and_models(client, models, model_dirs, mnist_model):
     assert info["architecture"] == "seed" and info["dataset"] == "mnist" and info["backend"] == "torch"
     assert info["parameters"] == sum(p.numel() for p in model.parameters()) == 28214
     assert info["classes"] == [str(d) for d in range(10)]
-    document = json.loads((mnist_model / runs.MODEL_INFO_FILE).read_text())
+    document = json.loads((shipped_model / runs.MODEL_INFO_FILE).read_text())
     assert {k: info["recipe"][k] for k in ("preset", "epochs", "lr")} == {k: document["config"][k] for k in ("preset", "epochs", "lr")}
     recorded = document["metrics"]["test_accuracy"]
     assert info["test_accuracy"] == pytest.approx(recorded) and 0.97 < info["test_accuracy"] <= 1
