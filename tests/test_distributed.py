@@ -60,8 +60,6 @@ def torchrun(*args: str, **kwargs) -> subprocess.Popen:
 
 def wait_for_listener(endpoint: str, process: subprocess.Popen, timeout: float = 60) -> None:
     """Until something accepts connections at `endpoint` (host:port), while `process` lives."""
-    import time
-
     host, port = endpoint.rsplit(":", 1)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -109,19 +109,12 @@ def _start(args: list[str]) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, env=env)
 
 
-def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+def _wait_until(condition, what: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Poll `condition()` while `process` lives, for at most `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    while not path.exists():
+    while not condition():
         assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.01)
-
-
-def _wait_for_more_lines(path: Path, lines: int, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while _lines(path) <= lines:
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, f"{path} never grew past {lines} lines"
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout} s"
         time.sleep(0.01)
 
 
@@ -140,7 +133,7 @@ def test_ctrl_c_then_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, 
     run, metrics = tmp_path / "run", tmp_path / "run" / "metrics.jsonl"
 
     process = _start(["train", *recipe, "--run-dir", str(run)])
-    _wait_for(run / "checkpoint.pt", process)  # the first epoch is done; now inside the second
+    _wait_until((run / "checkpoint.pt").exists, "the first checkpoint", process)  # now in epoch 2
     time.sleep(0.1)
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=60)
@@ -151,7 +144,8 @@ def test_ctrl_c_then_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, 
     assert 0 < state["step"] or state["epoch"] > 1
 
     process = _start(["train", "--resume", str(run), *RESUME])
-    _wait_for_more_lines(metrics, _lines(metrics), process)  # past start-up, training again
+    done = _lines(metrics)  # then, past start-up, one more epoch:
+    _wait_until(lambda: _lines(metrics) > done, "another epoch", process)
     moment = random.uniform(0.0, 0.3)
     time.sleep(moment)
     assert process.poll() is None, f"the run finished within {moment:.2f} s of an epoch's end"
