@@ -4,7 +4,8 @@ architecture trained with `--preset fast`, seed 0, on the shipped MNIST.
     .venv/bin/python scripts/make_pretrained_model.py
 
 It runs the same training as `mnist-cnn train --preset fast --seed 0 --no-report` and
-copies model.safetensors and model.json (with the command added) into the package. The same
+copies model.safetensors and model.json (with the command added) into the package, then
+scripts/assess_pretrained.py adds the model card's user-style and calibration figures. The same
 seed on the same kind of machine gives the same weights; other CPUs may differ in the last bits.
 """
 
@@ -33,6 +34,10 @@ def main() -> int:
         info["command"] = COMMAND
         info["made_by"] = "scripts/make_pretrained_model.py"
         (PRETRAINED_DIR / MODEL_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import assess_pretrained
+
+    assess_pretrained.main(PRETRAINED_DIR)
     last = result.metrics[-1]
     print(f"wrote {PRETRAINED_DIR / MODEL_FILE}: test accuracy {100 * last['test_accuracy']:.2f}%")
     return 0
