@@ -318,3 +318,37 @@ def test_the_runnable_blocks_of_a_page_run_as_written(page, tmp_path, monkeypatc
         if block.expected:
             for line in block.expected.splitlines():
                 assert line.rstrip() in printed, (page, line)
+
+
+# ---------------------------------------------------------------- the site in a browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def test_the_built_site_searches_from_the_disk_and_asks_no_other_host(site):
+    """Opened from file:// in headless Chromium (as tests/test_serve_browser.py: skipped without
+    Debian's chromium, except in CI), the search answers from the site's own index."""
+    if not CHROMIUM.exists():
+        message = "needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        try:
+            page = browser.new_page()
+            requests: list[str] = []
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto((site / "index.html").as_uri())
+            page.click("input.md-search__input")
+            page.keyboard.type("calibration")
+            page.wait_for_selector(".md-search-result__item", timeout=30_000)
+            titles = page.locator(".md-search-result__item").all_inner_texts()
+        finally:
+            browser.close()
+    assert any("Calibrated confidence" in title for title in titles), titles
+    assert [u for u in requests if not u.startswith(("file:", "data:", "blob:"))] == []
+    assert any(u.endswith("search/search_index.js") for u in requests)
