@@ -243,11 +243,10 @@ def test_the_model_cards_calibration_figures_hold_for_the_shipped_model():
     from mnist_cnn import predict_images
     from mnist_cnn.calibrate import expected_calibration_error
     from mnist_cnn.data import load_dataset
-    from mnist_cnn.runs import PRETRAINED_DIR
 
     assessment = json.loads(generated.MODEL_JSON.read_text())["assessment"]
     test = load_dataset("mnist", splits=("test",))["test"]
-    probabilities = predict_images(test.images[:, 0].numpy(), model=PRETRAINED_DIR)
+    probabilities = predict_images(test.images[:, 0].numpy(), model=generated.MODEL_JSON.parent)
     labels = test.labels.numpy()
     correct = probabilities.argmax(axis=1) == labels
     confidence = probabilities.max(axis=1)

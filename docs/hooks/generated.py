@@ -310,10 +310,10 @@ def model_card(info: dict[str, Any] | None = None) -> str:
 
 
 def include(name: str | None) -> str:
+    """A Markdown file of the repository as it is (its own title becomes the page's)."""
     if not name:
         raise ValueError("<!-- generated: include PATH -->: name a file of the repository")
-    text = (ROOT / name).read_text(encoding="utf-8")
-    return shift_headings(text, 2) if text.lstrip().startswith("# ") else text
+    return (ROOT / name).read_text(encoding="utf-8")
 
 
 GENERATORS: dict[str, Callable[[str | None], str]] = {
