@@ -235,8 +235,9 @@ def model_card(info: dict[str, Any] | None = None) -> str:
         "",
         "## Data",
         "",
-        f"- Trained on the {config['dataset'].upper()} training set (60,000 images, the copy shipped in the "
-        "package, checked by SHA-256); no validation split was held out.",
+        f"- Trained on the {config['dataset'].upper()} training set (the copy shipped in the package, checked by "
+        "SHA-256); " + (f"{config['val_size']:,} of its images were held out for validation (temperature and "
+                        "threshold)." if config.get("val_size") else "no validation split was held out."),
         f"- Tested on the {evaluation['total']:,} images of the {config['dataset'].upper()} test set, never used "
         "to choose the recipe.",
         "",
