@@ -1,4 +1,4 @@
-"""The README's "Results: models, recipes, data sets" table, re-run from scratch.
+"""The "Presets and what they reach" table of docs/training.md, re-run from scratch.
 
     .venv/bin/python benchmarks/results_table.py [--seeds 0 1 2] [--only best,fast]
         [--runs-dir runs/results-table] [--fashion-dir DIR] [--measure-only]
