@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from mnist_cnn.preprocess import ImageError, preprocess_file, to_image
+from mnist_cnn.preprocess import ALLOWED_FORMATS, ImageError, preprocess_file, to_image
 from mnist_cnn.serve.settings import TOP_K
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -24,7 +24,7 @@ def refuse_unsupported(data: bytes) -> None:
     from PIL import Image
 
     try:
-        image = Image.open(io.BytesIO(data))  # reads the header only
+        image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)  # reads the header only
     except Exception:  # noqa: BLE001 - whatever it is, preprocess_file names it
         return
     with image:
