@@ -291,6 +291,26 @@ def test_a_client_that_leaves_mid_body_is_counted_as_499_not_500(models, seven):
         assert 'status="500"' not in metrics
 
 
+def test_bodies_held_at_once_are_bounded(models, seven):
+    with running(models, max_body_bytes=2_000_000, max_buffered_bytes=1_000_000) as port:
+        holder = connect(port)  # an upload that stops at 900 kB of 1.5 MB and waits
+        holder.sendall(b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                       b"Content-Length: 1500000\r\n\r\n" + b"\0" * 900_000)
+        time.sleep(0.3)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request("POST", "/api/predict", body=b"\0" * 200_000, headers={"content-type": "image/png"})
+        response = connection.getresponse()
+        assert response.status == 503 and response.getheader("retry-after") == "1"
+        one_line_error(response.read(), "too many uploads in progress")
+        connection.close()
+        holder.close()
+        time.sleep(0.2)  # its bytes are let go when it ends
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request("POST", "/api/predict", body=seven, headers={"content-type": "image/png"})
+        assert connection.getresponse().status == 200
+        connection.close()
+
+
 # ---------------------------------------------------------------- floods
 def test_an_ordinary_request_behind_a_flood_waits_at_most_the_queue_timeout(models, seven):
     """One worker, one waiting place, 1 s queue timeout; eight costly requests (40-megapixel

@@ -55,6 +55,9 @@ def add_limit_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allowed-host", action="append", default=[], metavar="HOST",
                    help="answer only requests whose Host header names HOST (e.g. localhost), "
                         "others get 400; repeatable (default: any host)")
+    g.add_argument("--max-buffered-bytes", type=_byte_count, default=limits.DEFAULT_MAX_BUFFERED_BYTES,
+                   metavar="N", help="request bodies held in memory at once, all clients together; "
+                                     f"past it: 503 (default: {limits.DEFAULT_MAX_BUFFERED_BYTES:,})")
     g.add_argument("--max-request-pixels", type=_positive, default=limits.DEFAULT_MAX_REQUEST_PIXELS,
                    metavar="N", help="image pixels one request may make the server decode "
                                      f"(default: {limits.DEFAULT_MAX_REQUEST_PIXELS:,})")
@@ -86,7 +89,7 @@ def add_limit_flags(p: argparse.ArgumentParser) -> None:
 def limit_settings(args: argparse.Namespace) -> dict:
     """The ServeSettings fields add_limit_flags' flags set."""
     return dict(allowed_hosts=tuple(host.lower() for host in args.allowed_host),
-                max_request_pixels=args.max_request_pixels,
+                max_buffered_bytes=args.max_buffered_bytes, max_request_pixels=args.max_request_pixels,
                 client_pixels_per_second=args.client_pixels_per_second, max_queue=args.max_queue,
                 queue_timeout=args.queue_timeout, max_header_bytes=args.max_header_bytes,
                 header_timeout=args.header_timeout, body_timeout=args.body_timeout,

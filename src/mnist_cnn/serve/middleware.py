@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 import anyio
 
 from mnist_cnn.serve.errors import CLIENT_CLOSED, BodyTimeout, BodyTooLarge, too_large, too_slow
+from mnist_cnn.serve.limits import busy
 from mnist_cnn.serve.metrics import Metrics, route_label
 from mnist_cnn.serve.settings import MAX_DRAIN_BYTES, ServeSettings
 
@@ -77,12 +78,14 @@ def foreign_origin(origin: str, host: str, scheme: str, allowed: tuple[str, ...]
 class Guard:
     """Pure ASGI middleware, the outermost: refuses foreign Hosts (400) and cross-origin POSTs
     (403); refuses bodies over the limit (at once when Content-Length says so, else as soon as
-    the streamed bytes pass it: 413) and bodies that do not arrive in time (408), reading and
+    the streamed bytes pass it: 413), bodies that do not arrive in time (408) and bodies past
+    the memory held for all uploads together (503), reading and
     dropping what the client still sends so that it reads the answer; adds the security
     headers; counts every request in /metrics, a client that went away as 499."""
 
     def __init__(self, app, *, settings: ServeSettings, metrics: Metrics):
         self.app, self.settings, self.metrics = app, settings, metrics
+        self.buffered = 0  # body bytes received by the requests in progress, together
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -132,10 +135,15 @@ class Guard:
         async def limited_receive():
             message = await next_message()
             if message["type"] == "http.request":
-                received[0] += len(message.get("body", b""))
+                size = len(message.get("body", b""))
+                received[0] += size
+                self.buffered += size
                 if received[0] > settings.max_body_bytes:
                     await drain()
                     raise BodyTooLarge(settings.max_body_bytes)
+                if self.buffered > settings.max_buffered_bytes:
+                    await drain()
+                    raise busy("server busy: too many uploads in progress; retry later", 1)
             return message
 
         try:
@@ -154,6 +162,7 @@ class Guard:
                 raise
             # The client went away (ClientDisconnect, a broken multipart stream, ...): not ours.
         finally:
+            self.buffered -= received[0]
             route = route_label(scope)
             status = CLIENT_CLOSED if state["closed"] and not state["done"] else state["status"]
             if status == CLIENT_CLOSED:

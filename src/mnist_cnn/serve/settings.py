@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_MAX_BODY_BYTES = 10_000_000  # a phone photo fits; a 200 MB upload does not
+DEFAULT_MAX_BUFFERED_BYTES = 256_000_000  # request bodies held in memory at once, all requests together
 MAX_BATCH_FILES = 64
 TOP_K = 3  # classes listed in a prediction's "top"
 BACKENDS = ("torch", "onnxruntime")
@@ -40,6 +41,7 @@ class ServeSettings:
     backend: str = "torch"  # torch | onnxruntime
     device: str = "auto"
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies → 413, refused while streaming
+    max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES  # past it, the request that adds more → 503
     max_batch_files: int = MAX_BATCH_FILES  # files per /api/predict/batch request
     cors_origins: tuple[str, ...] = ()  # empty: CORS off, and POSTs from other origins refused
     allowed_hosts: tuple[str, ...] = ()  # empty: any Host header; else others → 400

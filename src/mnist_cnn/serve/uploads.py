@@ -19,7 +19,7 @@ async def form_files(request: Request, fields: tuple[str, ...], *, max_files: in
     """The uploaded files of a multipart body in `fields`, as (filename, bytes)."""
     try:
         form = await request.form(max_files=max_files + 1, max_fields=100)
-    except (BodyTooLarge, BodyTimeout, ClientDisconnect):
+    except (BodyTooLarge, BodyTimeout, ClientDisconnect, ApiError):
         raise
     except Exception as error:  # noqa: BLE001 - python-multipart and Starlette errors alike
         detail = getattr(error, "detail", None) or getattr(error, "message", None) or type(error).__name__
