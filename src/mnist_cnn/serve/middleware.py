@@ -79,8 +79,8 @@ class Guard:
     """Pure ASGI middleware, the outermost: refuses foreign Hosts (400) and cross-origin POSTs
     (403); refuses bodies over the limit (at once when Content-Length says so, else as soon as
     the streamed bytes pass it: 413), bodies that do not arrive in time (408) and bodies past
-    the memory held for all uploads together (503), reading and
-    dropping what the client still sends so that it reads the answer; adds the security
+    the memory held for all uploads together (503), then reading and dropping what the
+    client still sends so that it reads the answer; adds the security
     headers; counts every request in /metrics, a client that went away as 499."""
 
     def __init__(self, app, *, settings: ServeSettings, metrics: Metrics):
@@ -93,7 +93,8 @@ class Guard:
         settings = self.settings
         start = time.perf_counter()
         deadline = time.monotonic() + settings.body_timeout
-        state = {"status": 500, "started": False, "done": False, "closed": False, "body_done": False}
+        state = {"status": 500, "started": False, "done": False, "closed": False, "body_done": False,
+                 "drain": False}
         headers = {name.lower(): value for name, value in scope["headers"]}
         received = [0]
 
@@ -102,6 +103,10 @@ class Guard:
                 state["status"], state["started"] = message["status"], True
                 message = {**message, "headers": with_security_headers(list(message.get("headers", [])))}
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                if state["drain"]:  # the answer first, then read the rest of the body, then close
+                    await send({**message, "more_body": True})
+                    await drain()
+                    message = {"type": "http.response.body", "body": b""}
                 state["done"] = True
             await send(message)
 
@@ -121,8 +126,9 @@ class Guard:
             return message
 
         async def drain() -> None:
-            """Read and drop the rest of the body (bounded in bytes and time), so that a client
-            still sending reads the answer instead of a reset connection."""
+            """Read and drop the rest of the body (bounded in bytes and time) after a refusal
+            was sent: a client that reads while it sends stops at once, and one that sends
+            everything first (no Expect: 100-continue) reads the answer, not a reset."""
             if headers.get(b"expect", b"").lower() == b"100-continue" or state["body_done"]:
                 return  # it waits for our answer before sending
             dropped = 0
@@ -139,17 +145,17 @@ class Guard:
                 received[0] += size
                 self.buffered += size
                 if received[0] > settings.max_body_bytes:
-                    await drain()
+                    state["drain"] = True
                     raise BodyTooLarge(settings.max_body_bytes)
                 if self.buffered > settings.max_buffered_bytes:
-                    await drain()
+                    state["drain"] = True
                     raise busy("server busy: too many uploads in progress; retry later", 1)
             return message
 
         try:
             refusal = self.refusal(scope, headers)
             if refusal is not None:
-                await drain()
+                state["drain"] = True
                 await send_json(guarded_send, *refusal)
             else:
                 await self.app(scope, limited_receive, guarded_send)
