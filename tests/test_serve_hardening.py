@@ -313,11 +313,12 @@ def test_bodies_held_at_once_are_bounded(models, seven):
 
 # ---------------------------------------------------------------- floods
 def test_an_ordinary_request_behind_a_flood_waits_at_most_the_queue_timeout(models, seven):
-    """One worker, one waiting place, 1 s queue timeout; eight costly requests (40-megapixel
-    PNGs) at once: the overflow gets 503 with Retry-After at once, and an ordinary request sent
-    behind them is answered (200 or 503) within the queue timeout plus its own work."""
+    """One worker, one waiting place, 1 s queue timeout; eight costly requests (20-megapixel
+    PNGs, ~0.3 s of decoding each) at once: the overflow gets 503 with Retry-After at once, and
+    an ordinary request sent behind them is answered (200 or 503) within the queue timeout plus
+    its own work."""
     costly = io.BytesIO()
-    Image.new("RGBA", (6300, 6300), (0, 0, 0, 0)).save(costly, "PNG")
+    Image.new("RGBA", (4500, 4500), (0, 0, 0, 0)).save(costly, "PNG", compress_level=1)
     with running(models, worker_threads=1, max_queue=1, queue_timeout=1.0, client_pixels_per_second=0) as port:
         def post(data: bytes) -> tuple[int, dict[str, str], float]:
             began = time.perf_counter()
