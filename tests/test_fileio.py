@@ -384,3 +384,20 @@ def test_phone_photos_work_and_are_decoded_smaller(mnist):
             raise ImageError(f"image: {pixels:,} pixels over the budget")
     with pytest.raises(ImageError, match="3,048,192 pixels over the budget"):
         preprocess_file(data, charge=charge)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P", "1", "L"])
+def test_large_images_of_any_format_are_shrunk_before_the_float_work(mode):
+    """A 3000x2000 page (6 MP) reaches the float steps at about DECODE_PIXELS (1/2 of each side),
+    not as several float copies at full size."""
+    page = np.full((2000, 3000), 255, np.uint8)
+    page[500:1500, 1400:1600] = 0  # a "1", 1000 pixels tall
+    image = Image.fromarray(page).convert(mode)
+    if mode == "P":
+        image.info["transparency"] = 7
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", compress_level=1)
+    small = open_image(buffer.getvalue(), decode_pixels=1_000_000)
+    assert small.size == (1500, 1000) and small.mode == {"1": "L", "P": "RGBA"}.get(mode, mode)
+    digit = preprocess(small)
+    assert digit.max() == 255 and digit[:, 14].sum() > 20 * 200  # a vertical stroke, mid-canvas

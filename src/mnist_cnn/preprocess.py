@@ -75,9 +75,16 @@ def upright(image: Image.Image) -> Image.Image:
 
 def shrink(image: Image.Image, pixels: int) -> Image.Image:
     """`image` made at most about `pixels` large by an integer box reduction (cheap, and the
-    digit is later resized to 20x20 anyway); smaller images and odd modes are kept."""
+    digit is later resized to 20x20 anyway); smaller images and 16-bit ones are kept."""
     factor = int((image.width * image.height / pixels) ** 0.5)
-    if factor < 2 or image.mode not in ("L", "LA", "RGB", "RGBA", "RGBa", "La", "I", "F", "CMYK"):
+    if factor < 2:
+        return image
+    if image.mode == "1":
+        image = image.convert("L")
+    elif image.mode == "P" or (image.mode == "RGB" and "transparency" in image.info):
+        # as to_gray would convert it, so that transparency survives the reduction
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode not in ("L", "LA", "RGB", "RGBA", "RGBa", "La", "I", "F", "CMYK", "LAB"):
         return image
     return image.reduce(factor)
 
