@@ -308,6 +308,12 @@ def test_an_eps_file_never_runs_ghostscript(fake_ghostscript, tmp_path, shipped_
     assert result.returncode == 1  # a bad image, as for any other file predict cannot read
     assert result.stderr.strip().splitlines() == [f"{hand}: error: EPS/PostScript files are not supported "
                                                   "(send PNG, JPEG, GIF, BMP, TIFF, WebP or PNM)"]
+    from mnist_cnn import predict_images
+
+    hand.rename(tmp_path / "hand.png")  # the Python API, and a name that lies
+    for image in (tmp_path / "hand.png", EPS):
+        with pytest.raises(ImageError, match="EPS/PostScript files are not supported"):
+            predict_images([image], model=shipped_model)
     assert not fake_ghostscript.exists()
     # The fake is found: an open without the allowlist would have run it.
     with Image.open(io.BytesIO(EPS)) as image, pytest.raises(Exception):
