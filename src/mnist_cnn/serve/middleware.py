@@ -75,13 +75,100 @@ def foreign_origin(origin: str, host: str, scheme: str, allowed: tuple[str, ...]
     return authority(parts.netloc, parts.scheme) != authority(host, parts.scheme)
 
 
+class Exchange:
+    """One request as the Guard sees it: what the client sent, what was answered, and the
+    receive and send channels the app gets, with the body's limits enforced on receive."""
+
+    def __init__(self, guard: Guard, scope, receive, send):
+        self.guard, self.settings, self.scope = guard, guard.settings, scope
+        self._receive, self._send = receive, send
+        self.headers = {name.lower(): value for name, value in scope["headers"]}
+        self.deadline = time.monotonic() + self.settings.body_timeout
+        self.status, self.started, self.done = 500, False, False  # the answer
+        self.closed, self.body_done, self.received = False, False, 0  # the request
+        self.drain_after_answer = False
+
+    async def send(self, message) -> None:
+        if message["type"] == "http.response.start":
+            self.status, self.started = message["status"], True
+            message = {**message, "headers": with_security_headers(list(message.get("headers", [])))}
+        elif message["type"] == "http.response.body" and not message.get("more_body", False):
+            if self.drain_after_answer:  # the answer first, then read the rest of the body
+                await self._send({**message, "more_body": True})
+                await self.drain()
+                message = {"type": "http.response.body", "body": b""}
+            self.done = True
+        await self._send(message)
+
+    async def next_message(self):
+        """The next message; while the body is still coming, within the body deadline."""
+        if self.body_done:
+            message = await self._receive()
+        else:
+            with anyio.move_on_after(max(0.0, self.deadline - time.monotonic())) as waited:
+                message = await self._receive()
+            if waited.cancelled_caught:
+                raise BodyTimeout(self.settings.body_timeout)
+        if message["type"] == "http.disconnect":
+            self.closed = True
+        elif message["type"] == "http.request" and not message.get("more_body", False):
+            self.body_done = True
+        return message
+
+    async def receive(self):
+        """The app's receive: refuses a body past the limit (413) or past the memory held for
+        all uploads together (503); either way the rest is drained after the answer."""
+        message = await self.next_message()
+        if message["type"] == "http.request":
+            size = len(message.get("body", b""))
+            self.received += size
+            self.guard.buffered += size
+            if self.received > self.settings.max_body_bytes:
+                self.drain_after_answer = True
+                raise BodyTooLarge(self.settings.max_body_bytes)
+            if self.guard.buffered > self.settings.max_buffered_bytes:
+                self.drain_after_answer = True
+                raise busy("server busy: too many uploads in progress; retry later", 1)
+        return message
+
+    async def drain(self) -> None:
+        """Read and drop the rest of the body (bounded in bytes and time) after a refusal was
+        sent: a client that reads while it sends stops at once, and one that sends everything
+        first (no Expect: 100-continue) reads the answer instead of a reset connection."""
+        if self.headers.get(b"expect", b"").lower() == b"100-continue":
+            return  # it waits for our answer before sending
+        dropped = 0
+        try:
+            while dropped <= MAX_DRAIN_BYTES and not self.body_done and not self.closed:
+                dropped += len((await self.next_message()).get("body", b""))
+        except BodyTimeout:
+            pass  # answer now; the connection is closed after it
+
+    def refusal(self) -> tuple[int, dict[str, str]] | None:
+        """(status, body) of a request refused before the app sees it, or None."""
+        settings, headers = self.settings, self.headers
+        host = headers.get(b"host", b"").decode("latin-1")
+        if settings.allowed_hosts and host_name(host) not in settings.allowed_hosts:
+            return 400, {"error": f"Host {host_name(host)[:100]!r} is not served here (see --allowed-host)"}
+        origin = headers.get(b"origin")
+        if self.scope.get("method") == "POST" and origin is not None:
+            origin_text = origin.decode("latin-1")
+            if foreign_origin(origin_text, host, self.scope.get("scheme", "http"), settings.cors_origins):
+                return 403, {"error": f"POST from another origin ({origin_text[:100]}) refused; "
+                                      "serve with --cors-origin to allow it"}
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
+            return 413, {"error": too_large(settings.max_body_bytes)}
+        return None
+
+
 class Guard:
     """Pure ASGI middleware, the outermost: refuses foreign Hosts (400) and cross-origin POSTs
     (403); refuses bodies over the limit (at once when Content-Length says so, else as soon as
     the streamed bytes pass it: 413), bodies that do not arrive in time (408) and bodies past
-    the memory held for all uploads together (503), then reading and dropping what the
-    client still sends so that it reads the answer; adds the security
-    headers; counts every request in /metrics, a client that went away as 499."""
+    the memory held for all uploads together (503), then reads and drops what the client still
+    sends so that it reads the answer; adds the security headers to every answer; counts every
+    request in /metrics, one whose client went away before the answer as 499."""
 
     def __init__(self, app, *, settings: ServeSettings, metrics: Metrics):
         self.app, self.settings, self.metrics = app, settings, metrics
@@ -90,106 +177,28 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        settings = self.settings
         start = time.perf_counter()
-        deadline = time.monotonic() + settings.body_timeout
-        state = {"status": 500, "started": False, "done": False, "closed": False, "body_done": False,
-                 "drain": False}
-        headers = {name.lower(): value for name, value in scope["headers"]}
-        received = [0]
-
-        async def guarded_send(message):
-            if message["type"] == "http.response.start":
-                state["status"], state["started"] = message["status"], True
-                message = {**message, "headers": with_security_headers(list(message.get("headers", [])))}
-            elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                if state["drain"]:  # the answer first, then read the rest of the body, then close
-                    await send({**message, "more_body": True})
-                    await drain()
-                    message = {"type": "http.response.body", "body": b""}
-                state["done"] = True
-            await send(message)
-
-        async def next_message():
-            """The next message; while the body is still coming, within the body deadline."""
-            if state["body_done"]:
-                message = await receive()
-            else:
-                with anyio.move_on_after(max(0.0, deadline - time.monotonic())) as waited:
-                    message = await receive()
-                if waited.cancelled_caught:
-                    raise BodyTimeout(settings.body_timeout)
-            if message["type"] == "http.disconnect":
-                state["closed"] = True
-            elif message["type"] == "http.request" and not message.get("more_body", False):
-                state["body_done"] = True
-            return message
-
-        async def drain() -> None:
-            """Read and drop the rest of the body (bounded in bytes and time) after a refusal
-            was sent: a client that reads while it sends stops at once, and one that sends
-            everything first (no Expect: 100-continue) reads the answer, not a reset."""
-            if headers.get(b"expect", b"").lower() == b"100-continue" or state["body_done"]:
-                return  # it waits for our answer before sending
-            dropped = 0
-            try:
-                while dropped <= MAX_DRAIN_BYTES and not state["body_done"] and not state["closed"]:
-                    dropped += len((await next_message()).get("body", b""))
-            except BodyTimeout:
-                pass  # answer now; the connection is closed after it
-
-        async def limited_receive():
-            message = await next_message()
-            if message["type"] == "http.request":
-                size = len(message.get("body", b""))
-                received[0] += size
-                self.buffered += size
-                if received[0] > settings.max_body_bytes:
-                    state["drain"] = True
-                    raise BodyTooLarge(settings.max_body_bytes)
-                if self.buffered > settings.max_buffered_bytes:
-                    state["drain"] = True
-                    raise busy("server busy: too many uploads in progress; retry later", 1)
-            return message
-
+        exchange = Exchange(self, scope, receive, send)
         try:
-            refusal = self.refusal(scope, headers)
+            refusal = exchange.refusal()
             if refusal is not None:
-                state["drain"] = True
-                await send_json(guarded_send, *refusal)
+                exchange.drain_after_answer = True
+                await send_json(exchange.send, *refusal)
             else:
-                await self.app(scope, limited_receive, guarded_send)
+                await self.app(scope, exchange.receive, exchange.send)
         except BodyTimeout:
-            if state["started"]:
+            if exchange.started:
                 raise
-            await send_json(guarded_send, 408, {"error": too_slow(settings.body_timeout)})
+            await send_json(exchange.send, 408, {"error": too_slow(self.settings.body_timeout)})
         except Exception:
-            if not state["closed"]:
+            if not exchange.closed:
                 raise
             # The client went away (ClientDisconnect, a broken multipart stream, ...): not ours.
         finally:
-            self.buffered -= received[0]
-            route = route_label(scope)
-            status = CLIENT_CLOSED if state["closed"] and not state["done"] else state["status"]
+            self.buffered -= exchange.received
+            route, method = route_label(scope), scope.get("method", "")
+            status = CLIENT_CLOSED if exchange.closed and not exchange.done else exchange.status
             if status == CLIENT_CLOSED:
-                log.warning("client closed the connection before the answer: %s %s",
-                            scope.get("method", ""), route)
-            self.metrics.requests.labels(route, scope.get("method", ""), str(status)).inc()
+                log.warning("client closed the connection before the answer: %s %s", method, route)
+            self.metrics.requests.labels(route, method, str(status)).inc()
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
-
-    def refusal(self, scope, headers: dict[bytes, bytes]) -> tuple[int, dict[str, str]] | None:
-        """(status, body) of a request refused before the app sees it, or None."""
-        settings = self.settings
-        host = headers.get(b"host", b"").decode("latin-1")
-        if settings.allowed_hosts and host_name(host) not in settings.allowed_hosts:
-            return 400, {"error": f"Host {host_name(host)[:100]!r} is not served here (see --allowed-host)"}
-        origin = headers.get(b"origin")
-        if scope.get("method") == "POST" and origin is not None:
-            origin_text = origin.decode("latin-1")
-            if foreign_origin(origin_text, host, scope.get("scheme", "http"), settings.cors_origins):
-                return 403, {"error": f"POST from another origin ({origin_text[:100]}) refused; "
-                                      "serve with --cors-origin to allow it"}
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
-            return 413, {"error": too_large(settings.max_body_bytes)}
-        return None
