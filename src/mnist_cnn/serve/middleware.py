@@ -35,7 +35,8 @@ def with_security_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[byte
     added = [(name, value) for name, value in SECURITY_HEADERS if name not in names]
     if b"content-security-policy" not in names:
         kind = next((value for name, value in headers if name.lower() == b"content-type"), b"")
-        added.append((b"content-security-policy", (PAGE_CSP if kind.startswith(b"text/html") else DATA_CSP).encode()))
+        policy = PAGE_CSP if kind.startswith(b"text/html") else DATA_CSP
+        added.append((b"content-security-policy", policy.encode()))
     return [*headers, *added]
 
 

@@ -15,7 +15,8 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-async def form_files(request: Request, fields: tuple[str, ...], *, max_files: int) -> list[tuple[str | None, bytes]]:
+async def form_files(request: Request, fields: tuple[str, ...], *,
+                     max_files: int) -> list[tuple[str | None, bytes]]:
     """The uploaded files of a multipart body in `fields`, as (filename, bytes)."""
     try:
         form = await request.form(max_files=max_files + 1, max_fields=100)
