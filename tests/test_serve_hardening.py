@@ -233,6 +233,34 @@ def test_slow_and_silent_clients_are_cut_off(models):
         assert get(port, "/api/health")[0] == 200
 
 
+def read_kept_alive_answer(sock: socket.socket) -> int:
+    """The status of one answer on a connection that stays open (read by its Content-Length)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"content-length: (\d+)", head, re.IGNORECASE).group(1))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return int(head.split()[1])
+
+
+def test_kept_alive_connections_idle_out_and_their_next_head_is_timed(models):
+    with running(models, header_timeout=0.5, keep_alive_timeout=1) as port:
+        idle, slow = connect(port), connect(port)
+        for sock in (idle, slow):
+            sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_kept_alive_answer(sock) == 200
+        began = time.perf_counter()
+        slow.sendall(b"GET /api/health HTTP/1.1\r\n")  # the next request's head, never finished
+        status, _, body = read_answer(slow)
+        assert status == 408 and time.perf_counter() - began < 0.9
+        one_line_error(body, "request headers not received within 0.5 s")
+        assert idle.recv(100) == b"" and time.perf_counter() - began < 2  # closed after 1 s idle
+        idle.close()
+        slow.close()
+
+
 def test_connections_over_the_cap_get_503(models):
     with running(models, max_connections=3) as port:
         held = [connect(port) for _ in range(3)]
