@@ -154,7 +154,8 @@ def test_an_eps_upload_never_runs_ghostscript(models, fake_ghostscript):
 def test_a_batch_of_jpeg_header_bombs_costs_what_the_docs_say(models):
     """64 copies of a 335-byte JPEG claiming 6000x6600: before, 34 s and +570 MB of one worker.
     Now each decodes at 1/4 scale (2.5 megapixels) until the request's 64-megapixel budget is
-    spent; the docs promise under 3 s and 150 MB on a 2-core machine (measured ~1 s, busy)."""
+    spent: docs/security.md states under 10 s and 150 MB on a 2-core machine (measured 1.4 to
+    2.6 s on a busy one)."""
     client = TestClient(app_with(models))
     bomb = header_bomb()
     files = [("files", (f"b{i}.jpg", bomb, "image/jpeg")) for i in range(64)]
@@ -167,7 +168,8 @@ def test_a_batch_of_jpeg_header_bombs_costs_what_the_docs_say(models):
     decoded = 64_000_000 // (1500 * 1650)  # 25 fit in the budget
     assert errors[:decoded] == ["no digit found (the image is blank or has no contrast)"] * decoded
     assert all("over this request's budget of 64,000,000 decoded pixels" in e for e in errors[decoded:])
-    assert elapsed < 3, elapsed
+    print(f"64 header bombs: {elapsed:.2f} s, +{growth[0] / 1e6:.0f} MB resident at the peak")
+    assert elapsed < 10, elapsed  # decoded in full, as before: ~100 s here
     assert growth[0] < 150_000_000, growth[0]
 
 
