@@ -2,9 +2,9 @@
 
 Every image goes through `mnist_cnn.preprocess`, the path the CLI uses, so the page and the
 API see exactly what `mnist-cnn predict` sees. Nothing a client sends can make the app answer
-5xx or name a file on the server: bodies over the limit are refused while they stream in,
-content types are checked before anything is read, and any failure to decode an image is a
-422 with a one-line `{"error": ...}`.
+500 or name a file on the server: bodies over the limit are refused while they stream in,
+content types are checked before anything is read, any failure to decode an image is a 422
+with a one-line `{"error": ...}`, and a server at its limits says 503 with Retry-After.
 
 The pieces (FastAPI's "Bigger Applications" layout): `settings` (the limits), `models` (loaded
 once), `deps` (what routes receive as dependencies), `uploads` (a request's images),
