@@ -304,7 +304,7 @@ def test_a_plain_client_sending_30_mb_reads_the_413(models):
             connection.close()
 
 
-def test_a_client_that_leaves_mid_body_is_counted_as_499_not_500(models, seven):
+def test_a_client_that_leaves_mid_body_is_counted_as_499_not_500(models, seven, caplog):
     with running(models) as port:
         part = (b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
                 b"Content-Type: image/png\r\n\r\n")
@@ -319,6 +319,8 @@ def test_a_client_that_leaves_mid_body_is_counted_as_499_not_500(models, seven):
         assert counter(metrics, "mnist_cnn_http_requests_total", route="/api/predict", method="POST",
                        status="499") == 2
         assert 'status="500"' not in metrics
+    lines = [record.getMessage() for record in caplog.records if record.name.startswith(("mnist_cnn", "uvicorn"))]
+    assert lines == ["client closed the connection before the answer: POST /api/predict"] * 2
 
 
 def test_bodies_held_at_once_are_bounded(models, seven):
