@@ -24,7 +24,7 @@ from conftest import write_dataset
 from mnist_cnn import MnistCnnError, fileio
 from mnist_cnn.data import DataError, read_bytes
 from mnist_cnn.fileio import atomic_write, atomic_write_bytes, read_file, read_stream, require_regular_file
-from mnist_cnn.preprocess import ImageError, open_image, preprocess_file
+from mnist_cnn.preprocess import ImageError, open_image, preprocess, preprocess_file
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes need POSIX")
 
@@ -149,7 +149,7 @@ def test_standard_input_is_read_with_the_cap(monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
     assert np.array_equal(preprocess_file("-"), preprocess_file(data))
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
-    with pytest.raises(ImageError, match=r"^-: not an image Pillow can read$"):
+    with pytest.raises(ImageError, match=r"^-: not an image mnist-cnn reads \(send PNG, JPEG, GIF, BMP, TIFF, WebP or PNM\)$"):
         preprocess_file("-")
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BufferedReader(Endless())))
     monkeypatch.setattr("mnist_cnn.preprocess.MAX_FILE_BYTES", 3_000_000)
@@ -272,3 +272,138 @@ def test_cli_predict_refuses_a_pipe_and_a_device_quickly_and_reads_stdin(tiny_ru
     from_file, from_stdin = result.stdout.decode().strip().splitlines()
     assert from_file.startswith(f"{digit}: ")
     assert from_stdin == "-" + from_file.removeprefix(str(digit))  # the same digit, the same figures
+
+
+# ---------------------------------------------------------------- image formats and decoding cost
+EPS = b"""%!PS-Adobe-3.0 EPSF-3.0
+%%BoundingBox: 0 0 28 28
+%%EndComments
+newpath 10 4 moveto 10 24 lineto 6 setlinewidth stroke
+showpage
+%%EOF
+"""
+
+
+@pytest.fixture
+def fake_ghostscript(tmp_path, monkeypatch) -> Path:
+    """A `gs` first on PATH that records every run in a file (Pillow's EPS reader runs `gs`)."""
+    folder, record = tmp_path / "bin", tmp_path / "gs-ran"
+    folder.mkdir()
+    (folder / "gs").write_text(f"#!/bin/sh\necho \"$@\" >> {record}\nexit 1\n")
+    (folder / "gs").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr("PIL.EpsImagePlugin.gs_binary", None, raising=False)  # look it up again
+    return record
+
+
+def test_an_eps_file_never_runs_ghostscript(fake_ghostscript, tmp_path, shipped_model):
+    from conftest import cli
+
+    for data in (EPS, b"\xc5\xd0\xd3\xc6" + bytes(26) + EPS):  # plain and DOS-binary EPS
+        with pytest.raises(ImageError, match=r"^image: EPS(/PostScript)? files are not supported \(send PNG"):
+            preprocess_file(data)
+    hand = tmp_path / "hand.eps"
+    hand.write_bytes(EPS)
+    result = cli("predict", "--model", str(shipped_model), str(hand))
+    assert result.returncode == 1  # a bad image, as for any other file predict cannot read
+    assert result.stderr.strip().splitlines() == [f"{hand}: error: EPS/PostScript files are not supported "
+                                                  "(send PNG, JPEG, GIF, BMP, TIFF, WebP or PNM)"]
+    from mnist_cnn import predict_images
+
+    hand.rename(tmp_path / "hand.png")  # the Python API, and a name that lies
+    for image in (tmp_path / "hand.png", EPS):
+        with pytest.raises(ImageError, match="EPS/PostScript files are not supported"):
+            predict_images([image], model=shipped_model)
+    assert not fake_ghostscript.exists()
+    # The fake is found: an open without the allowlist would have run it.
+    with Image.open(io.BytesIO(EPS)) as image, pytest.raises(Exception):
+        image.load()
+    assert fake_ghostscript.exists()
+
+
+def test_containers_and_other_formats_are_refused_before_decoding(monkeypatch):
+    digit = Image.fromarray(np.pad(np.full((20, 20), 255, np.uint8), 4))
+    ico = io.BytesIO()
+    digit.save(ico, "ICO", sizes=[(28, 28)])
+    decoded = []
+    monkeypatch.setattr("PIL.ImageFile.ImageFile.load", lambda self: decoded.append(self.format))
+    tga = io.BytesIO()
+    digit.save(tga, "TGA")
+    for data, kind in ((ico.getvalue(), "ICO files are"), (b"%PDF-1.4\n", "PDF files are"),
+                       (tga.getvalue(), "not an image mnist-cnn reads"), (b"BM" + bytes(3), "not an image")):
+        with pytest.raises(ImageError, match=kind):
+            open_image(data)
+    assert decoded == []
+    open_image(png_bytes())
+    assert decoded and set(decoded) == {"PNG"}  # the same check sees an allowed format decode
+
+
+def header_bomb(width: int = 6000, height: int = 6600) -> bytes:
+    """A few hundred bytes of JPEG whose header claims width x height (39.6 megapixels:
+    under the per-image limit, so only reduced decoding and the budgets keep its cost down)."""
+    buffer = io.BytesIO()
+    Image.new("L", (16, 16), 255).save(buffer, "JPEG")
+    data = bytearray(buffer.getvalue())
+    start = data.index(b"\xff\xc0")  # SOF0: length, precision, height, width
+    data[start + 5:start + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+def test_jpeg_header_bombs_are_decoded_at_reduced_scale():
+    data = header_bomb()
+    assert len(data) < 1000 and Image.open(io.BytesIO(data)).size == (6000, 6600)
+    charged = []
+    began = time.perf_counter()
+    for _ in range(8):  # (64 of them in one batch: tests/test_serve_hardening.py)
+        with pytest.raises(ImageError, match="no digit found"):
+            preprocess_file(data, charge=charged.append)
+    elapsed = time.perf_counter() - began
+    # 1/4 scale: 1500 x 1650 pixels each (the 1/8 scale would be under DECODE_PIXELS).
+    assert charged == [1500 * 1650] * 8
+    assert elapsed < 5, elapsed  # ~0.5 s on a busy 2-core machine; ~13 s when decoded in full
+
+
+def phone_photo(seven: np.ndarray, size=(4032, 3024)) -> bytes:
+    """A 12-megapixel JPEG: dark digit on light paper, as a phone photographs a note."""
+    page = Image.new("L", size, 225)
+    ink = Image.fromarray(255 - seven).resize((1400, 1400), Image.Resampling.BILINEAR)
+    page.paste(ink.point(lambda v: 30 + v * 195 // 255), (1300, 800))
+    buffer = io.BytesIO()
+    page.convert("RGB").save(buffer, "JPEG", quality=85)
+    return buffer.getvalue()
+
+
+def test_phone_photos_work_and_are_decoded_smaller(mnist):
+    images, labels = mnist["test"]
+    seven = images[int(np.flatnonzero(labels == 7)[0])]
+    data = phone_photo(seven)
+    charged = []
+    digit = preprocess_file(data, charge=charged.append)
+    assert charged == [2016 * 1512]  # 1/2 scale: 3 megapixels decoded, not 12
+    full = preprocess(open_image(data))
+    overlap = np.minimum(digit, full).sum() / np.maximum(digit, full).sum()
+    assert overlap > 0.9, overlap  # the same digit as from the full-size decode
+    budget_left = [2_000_000]
+
+    def charge(pixels):
+        if pixels > budget_left[0]:
+            raise ImageError(f"image: {pixels:,} pixels over the budget")
+    with pytest.raises(ImageError, match="3,048,192 pixels over the budget"):
+        preprocess_file(data, charge=charge)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P", "1", "L"])
+def test_large_images_of_any_format_are_shrunk_before_the_float_work(mode):
+    """A 3000x2000 page (6 MP) reaches the float steps at about DECODE_PIXELS (1/2 of each side),
+    not as several float copies at full size."""
+    page = np.full((2000, 3000), 255, np.uint8)
+    page[500:1500, 1400:1600] = 0  # a "1", 1000 pixels tall
+    image = Image.fromarray(page).convert(mode)
+    if mode == "P":
+        image.info["transparency"] = 7
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", compress_level=1)
+    small = open_image(buffer.getvalue(), decode_pixels=1_000_000)
+    assert small.size == (1500, 1000) and small.mode == {"1": "L", "P": "RGBA"}.get(mode, mode)
+    digit = preprocess(small)
+    assert digit.max() == 255 and digit[:, 14].sum() > 20 * 200  # a vertical stroke, mid-canvas

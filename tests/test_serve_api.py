@@ -152,7 +152,7 @@ def hostile_cases(digit: np.ndarray):
         "animated GIF": (raw(animated_gif(), "image/gif"), 422, "animated"),
         "16-bit PNG": (raw(encoded(sixteen)), 422, "16-bit"),
         "CMYK JPEG": (raw(encoded(cmyk, "JPEG"), "image/jpeg"), 422, "CMYK"),
-        "SVG named .png": (multipart("digit.png", svg), 422, "not an image"),
+        "SVG named .png": (multipart("digit.png", svg), 422, "SVG files are not supported"),
         "blank page": (raw(encoded(Image.new("L", (200, 200), 255))), 422, "no digit found"),
         "text/plain": (raw(png, "text/plain"), 415, "content type"),
         "application/json": (raw(b'{"path": "/etc/passwd"}', "application/json"), 415, "content type"),

@@ -12,6 +12,7 @@ import io
 import sys
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -21,7 +22,14 @@ from mnist_cnn.data import IMAGE_SIZE
 from mnist_cnn.fileio import read_file, read_stream
 
 BOX_SIZE = 20  # MNIST fits each digit's longer side into 20 pixels
-MAX_PIXELS = 40_000_000  # larger images are refused (decompression bombs)
+MAX_PIXELS = 40_000_000  # larger images are refused (decompression bombs), from the header
+# Formats Pillow decodes by itself, checked before any decoding: no EPS (Pillow runs Ghostscript
+# on it), no ICO/ICNS (they decode their embedded image inside Image.open), nothing exotic.
+ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")  # PPM: Pillow's PNM reader
+FORMAT_NAMES = "PNG, JPEG, GIF, BMP, TIFF, WebP or PNM"
+# A digit needs far fewer pixels than a phone photo has: a JPEG is decoded at the smallest of
+# 1/2, 1/4, 1/8 scale that keeps this many pixels, any other large image is shrunk right after.
+DECODE_PIXELS = 1_000_000
 MAX_FILE_BYTES = 200_000_000  # an image file (or stdin) is read whole; larger ones are refused
 STDIN = "-"  # as an image path: read the image from standard input
 ORIENTATION = 0x0112  # the EXIF tag: 1 upright, 2–8 turned and/or mirrored
@@ -43,6 +51,18 @@ def read_image_bytes(source: str | Path) -> bytes:
     return read_file(source, error=ImageError, max_bytes=MAX_FILE_BYTES)
 
 
+# The first bytes of formats people send by mistake, to name them when they are refused.
+REFUSED_SIGNATURES = {b"%!PS": "EPS/PostScript", b"\xc5\xd0\xd3\xc6": "EPS", b"%PDF": "PDF",
+                      b"\x00\x00\x01\x00": "ICO", b"icns": "ICNS",
+                      b"8BPS": "PSD", b"<svg": "SVG", b"<?xml": "SVG/XML"}
+
+
+def not_allowed(name: str, data: bytes) -> ImageError:
+    kind = next((kind for magic, kind in REFUSED_SIGNATURES.items() if data.startswith(magic)), None)
+    what = f"{kind} files are not supported" if kind else "not an image mnist-cnn reads"
+    return ImageError(f"{name}: {what} (send {FORMAT_NAMES})")
+
+
 def upright(image: Image.Image) -> Image.Image:
     """The image as it is meant to be seen: phones store pixels as the sensor saw them and
     an EXIF Orientation tag saying how to turn (or mirror) them."""
@@ -53,10 +73,33 @@ def upright(image: Image.Image) -> Image.Image:
         return ImageOps.exif_transpose(image)
 
 
-def open_image(source: str | Path | bytes, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Decode the first frame of any image Pillow reads (a path, "-" for standard input, or
-    the bytes), refusing oversized ones before their pixels are decoded, turned upright as
-    its EXIF orientation says."""
+def shrink(image: Image.Image, pixels: int) -> Image.Image:
+    """`image` made at most about `pixels` large by an integer box reduction (cheap, and the
+    digit is later resized to 20x20 anyway); smaller images and 16-bit ones are kept."""
+    factor = int((image.width * image.height / pixels) ** 0.5)
+    if factor < 2:
+        return image
+    if image.mode == "1":
+        image = image.convert("L")
+    elif image.mode == "P" or (image.mode == "RGB" and "transparency" in image.info):
+        # as to_gray would convert it, so that transparency survives the reduction
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode not in ("L", "LA", "RGB", "RGBA", "RGBa", "La", "I", "F", "CMYK", "LAB"):
+        return image
+    return image.reduce(factor)
+
+
+def open_image(source: str | Path | bytes, *, max_pixels: int = MAX_PIXELS,
+               decode_pixels: int | None = None,
+               charge: Callable[[int], None] | None = None) -> Image.Image:
+    """Decode the first frame of a PNG, JPEG, GIF, BMP, TIFF, WebP or PNM image (a path, "-"
+    for standard input, or the bytes), turned upright as its EXIF orientation says.
+
+    Only those formats are tried (no other Pillow plugin sees the bytes), and the size the
+    header states is checked against `max_pixels` before any pixel is decoded. With
+    `decode_pixels`, a large JPEG is decoded at reduced scale and any other large image is
+    shrunk right after decoding. `charge(pixels)`, when given, is called with the number of
+    pixels about to be decoded and may raise ImageError to refuse them (a budget)."""
     name = "image" if isinstance(source, bytes) else str(source)
     data = source if isinstance(source, bytes) else read_image_bytes(source)
     with io.BytesIO(data) as handle:
@@ -66,18 +109,25 @@ def open_image(source: str | Path | bytes, *, max_pixels: int = MAX_PIXELS) -> I
                 # break the one-line output; the image decodes or raises, and that is said.
                 warnings.simplefilter("ignore", UserWarning)
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(handle)
+                image = Image.open(handle, formats=ALLOWED_FORMATS)  # reads the header only
                 width, height = image.size
                 if width * height > max_pixels:
                     raise ImageError(f"{name}: {width}x{height} pixels is over the limit of "
                                      f"{max_pixels:,}; scale the image down first")
                 image.seek(0)  # first frame of a GIF, TIFF or WebP animation
+                if decode_pixels is not None and width * height > decode_pixels:
+                    scale = (decode_pixels / (width * height)) ** 0.5
+                    image.draft(None, (max(1, int(width * scale + 1)), max(1, int(height * scale + 1))))
+                if charge is not None:
+                    charge(image.width * image.height)
                 image.load()
                 image = upright(image)
+                if decode_pixels is not None:
+                    image = shrink(image, decode_pixels)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ImageError(f"{name}: refused as a decompression bomb (too many pixels)") from None
         except UnidentifiedImageError:
-            raise ImageError(f"{name}: not an image Pillow can read") from None
+            raise not_allowed(name, data) from None
         # Found by fuzzing (tests/test_fuzz.py), beyond the usual OSError and ValueError:
         # NotImplementedError for a DDS pixel format Pillow lacks, TypeError for a TIFF tag or
         # an IM size of the wrong type ("0.8*24").
@@ -188,9 +238,12 @@ def preprocess(image: Image.Image, *, source: str = "image") -> np.ndarray:
     return np.clip(canvas, 0, 255).astype(np.uint8)
 
 
-def preprocess_file(source: str | Path | bytes, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def preprocess_file(source: str | Path | bytes, *, max_pixels: int = MAX_PIXELS,
+                    charge: Callable[[int], None] | None = None) -> np.ndarray:
+    """A path, "-" or bytes → the digit; decoded no larger than DECODE_PIXELS where it can be."""
     name = "image" if isinstance(source, bytes) else str(source)
-    return preprocess(open_image(source, max_pixels=max_pixels), source=name)
+    image = open_image(source, max_pixels=max_pixels, decode_pixels=DECODE_PIXELS, charge=charge)
+    return preprocess(image, source=name)
 
 
 def expand_paths(paths: list[str]) -> list[Path]:

@@ -2,14 +2,17 @@
 
 Every image goes through `mnist_cnn.preprocess`, the path the CLI uses, so the page and the
 API see exactly what `mnist-cnn predict` sees. Nothing a client sends can make the app answer
-5xx or name a file on the server: bodies over the limit are refused while they stream in,
-content types are checked before anything is read, and any failure to decode an image is a
-422 with a one-line `{"error": ...}`.
+500 or name a file on the server: bodies over the limit are refused while they stream in,
+content types are checked before anything is read, any failure to decode an image is a 422
+with a one-line `{"error": ...}`, and a server at its limits says 503 with Retry-After.
 
 The pieces (FastAPI's "Bigger Applications" layout): `settings` (the limits), `models` (loaded
-once, given to routes as a dependency), `images` (bytes → digit → JSON), `errors` (the
-handlers), `metrics` (Prometheus and the body-limit middleware), and `routers/` (one per
-concern). Nothing is created at import: each `create_app` call makes its own state.
+once), `deps` (what routes receive as dependencies), `uploads` (a request's images),
+`images` (bytes → digit → JSON), `limits` (pixel budgets, the worker queue), `middleware`
+(Host, origin, body limits, security headers, counting), `protocol` (the HTTP server's own
+limits: headers, timeouts, connections), `errors` (the handlers), `metrics` (Prometheus), and
+`routers/` (one per concern). Nothing is created at import: each `create_app` call makes its
+own state. docs/security.md says what the limits defend against.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from mnist_cnn import __version__
+from mnist_cnn.serve.deps import ServeState
 from mnist_cnn.serve.errors import add_error_handlers
-from mnist_cnn.serve.metrics import LimitAndMeasure, Metrics
+from mnist_cnn.serve.metrics import Metrics
+from mnist_cnn.serve.middleware import Guard
 from mnist_cnn.serve.models import ServedModel, describe_model, load_models, model_name
 from mnist_cnn.serve.routers import metrics as metrics_routes
 from mnist_cnn.serve.routers import page, predict, service
@@ -33,8 +38,9 @@ def add_middleware(app: FastAPI, settings: ServeSettings, metrics: Metrics) -> N
 
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                            allow_methods=["GET", "POST"], allow_headers=["*"])
-    # Added last, so it runs first: it counts every request and refuses oversized bodies.
-    app.add_middleware(LimitAndMeasure, max_body_bytes=settings.max_body_bytes, metrics=metrics)
+    # Added last, so it runs first: it refuses what it must, adds the security headers to
+    # every answer and counts every request.
+    app.add_middleware(Guard, settings=settings, metrics=metrics)
 
 
 def create_app(settings: ServeSettings, *, models: list[ServedModel] | None = None) -> FastAPI:
@@ -44,12 +50,10 @@ def create_app(settings: ServeSettings, *, models: list[ServedModel] | None = No
     app = FastAPI(title="mnist-cnn", version=__version__, docs_url=None, redoc_url=None,
                   description="Handwritten digits (or the classes of another MNIST-format data "
                               "set) from images, through MNIST's own normalisation.")
-    app.state.settings = settings
-    app.state.models = list(models) if models is not None else load_models(settings)
-    app.state.metrics = Metrics()
-    app.state.limiter = None  # made on first use, inside the server's event loop
+    state = ServeState.create(settings, list(models) if models is not None else load_models(settings))
+    app.state.serve = state  # read by serve.deps only
     add_error_handlers(app)
-    add_middleware(app, settings, app.state.metrics)
+    add_middleware(app, settings, state.metrics)
     app.include_router(predict.router)
     app.include_router(service.router)
     app.include_router(metrics_routes.router)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from mnist_cnn import MnistCnnError
 from mnist_cnn.config import DEVICES
+from mnist_cnn.serve import settings as limits
 from mnist_cnn.serve.settings import BACKENDS, DEFAULT_MAX_BODY_BYTES, ServeSettings
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
@@ -24,6 +25,75 @@ def _byte_count(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a valid positive byte count")
     return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid number of seconds (> 0)")
+    return value
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid positive integer")
+    return int(text)
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid count (an integer >= 0)")
+    return int(text)
+
+
+def add_limit_flags(p: argparse.ArgumentParser) -> None:
+    """The server's limits against hostile or broken clients (docs/security.md)."""
+    g = p.add_argument_group("limits", "what one client may cost the server (see docs/security.md)")
+    g.add_argument("--allowed-host", action="append", default=[], metavar="HOST",
+                   help="answer only requests whose Host header names HOST (e.g. localhost), "
+                        "others get 400; repeatable (default: any host)")
+    g.add_argument("--max-buffered-bytes", type=_byte_count, default=limits.DEFAULT_MAX_BUFFERED_BYTES,
+                   metavar="N", help="request bodies held in memory at once, all clients together; "
+                                     f"past it: 503 (default: {limits.DEFAULT_MAX_BUFFERED_BYTES:,})")
+    g.add_argument("--max-request-pixels", type=_positive, default=limits.DEFAULT_MAX_REQUEST_PIXELS,
+                   metavar="N", help="image pixels one request may make the server decode "
+                                     f"(default: {limits.DEFAULT_MAX_REQUEST_PIXELS:,})")
+    g.add_argument("--client-pixels-per-second", type=_count, default=limits.DEFAULT_CLIENT_PIXELS_PER_SECOND,
+                   metavar="N", help="decoded pixels per second one client address may use, in bursts "
+                                     "of two requests' worth; over it: 429 (default: "
+                                     f"{limits.DEFAULT_CLIENT_PIXELS_PER_SECOND:,}; 0: no limit)")
+    g.add_argument("--max-queue", type=_count, default=limits.DEFAULT_MAX_QUEUE, metavar="N",
+                   help=f"requests waiting for a worker; more get 503 (default: {limits.DEFAULT_MAX_QUEUE})")
+    g.add_argument("--queue-timeout", type=_seconds, default=limits.DEFAULT_QUEUE_TIMEOUT, metavar="SECONDS",
+                   help="longest wait for a worker, then 503 (default: "
+                        f"{limits.DEFAULT_QUEUE_TIMEOUT:g})")
+    g.add_argument("--max-header-bytes", type=_byte_count, default=limits.DEFAULT_MAX_HEADER_BYTES,
+                   metavar="N", help=f"request line and headers; larger: 431 (default: "
+                                     f"{limits.DEFAULT_MAX_HEADER_BYTES:,})")
+    g.add_argument("--header-timeout", type=_seconds, default=limits.DEFAULT_HEADER_TIMEOUT, metavar="SECONDS",
+                   help="time to send the headers, then 408 (default: "
+                        f"{limits.DEFAULT_HEADER_TIMEOUT:g})")
+    g.add_argument("--body-timeout", type=_seconds, default=limits.DEFAULT_BODY_TIMEOUT, metavar="SECONDS",
+                   help=f"time to send the body, then 408 (default: {limits.DEFAULT_BODY_TIMEOUT:g})")
+    g.add_argument("--keep-alive-timeout", type=_positive, default=limits.DEFAULT_KEEP_ALIVE_TIMEOUT,
+                   metavar="SECONDS", help="idle keep-alive connections are closed after this "
+                                           f"(default: {limits.DEFAULT_KEEP_ALIVE_TIMEOUT})")
+    g.add_argument("--max-connections", type=_positive, default=limits.DEFAULT_MAX_CONNECTIONS,
+                   metavar="N", help="open connections; more get 503 (default: "
+                                     f"{limits.DEFAULT_MAX_CONNECTIONS})")
+
+
+def limit_settings(args: argparse.Namespace) -> dict:
+    """The ServeSettings fields add_limit_flags' flags set."""
+    return dict(allowed_hosts=tuple(host.lower() for host in args.allowed_host),
+                max_buffered_bytes=args.max_buffered_bytes, max_request_pixels=args.max_request_pixels,
+                client_pixels_per_second=args.client_pixels_per_second, max_queue=args.max_queue,
+                queue_timeout=args.queue_timeout, max_header_bytes=args.max_header_bytes,
+                header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                keep_alive_timeout=args.keep_alive_timeout, max_connections=args.max_connections)
 
 
 def add_serve_parser(subparsers) -> None:
@@ -46,7 +116,8 @@ def add_serve_parser(subparsers) -> None:
                    metavar="N", help=f"larger requests get 413 (default: {DEFAULT_MAX_BODY_BYTES:,})")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser pages from ORIGIN (e.g. https://example.org) to call the "
-                        "API; repeatable (default: CORS off)")
+                        "API; repeatable (default: CORS off, and POSTs from other sites' pages refused)")
+    add_limit_flags(p)
     p.set_defaults(handler=cmd_serve)
 
 
@@ -82,13 +153,13 @@ def _interrupt(signum, frame) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from mnist_cnn.serve.app import create_app, load_models
+    from mnist_cnn.serve.protocol import make_server
 
     settings = ServeSettings(model_paths=tuple(resolve_models(args.model)), backend=args.backend,
                              device=args.device, max_body_bytes=args.max_body_bytes,
-                             cors_origins=tuple(args.cors_origin))
+                             cors_origins=tuple(origin.rstrip("/") for origin in args.cors_origin),
+                             **limit_settings(args))
     if settings.backend == "torch":
         import torch
 
@@ -105,8 +176,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(settings, models=models)
     sock = listen(args.host, args.port)
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", server_header=False,
-                                           timeout_graceful_shutdown=5))
+    server = make_server(app, settings)
     print(f"serving on {url_of(args.host, port)} (API docs at /docs); Ctrl-C stops", flush=True)
     # uvicorn shuts down cleanly on SIGINT and SIGTERM, then re-raises the signal it caught;
     # both end here as KeyboardInterrupt, so a service manager's stop is exit status 0 too.

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import base64
 import io
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from mnist_cnn.preprocess import ImageError, preprocess_file, to_image
+from mnist_cnn.preprocess import ALLOWED_FORMATS, ImageError, preprocess_file, to_image
+from mnist_cnn.serve.limits import OverBudget
 from mnist_cnn.serve.settings import TOP_K
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -24,7 +25,7 @@ def refuse_unsupported(data: bytes) -> None:
     from PIL import Image
 
     try:
-        image = Image.open(io.BytesIO(data))  # reads the header only
+        image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)  # reads the header only
     except Exception:  # noqa: BLE001 - whatever it is, preprocess_file names it
         return
     with image:
@@ -41,15 +42,18 @@ def refuse_unsupported(data: bytes) -> None:
             raise ImageError("animated images are not supported; send a single frame")
 
 
-def read_digit(data: bytes) -> np.ndarray:
-    """Bytes from a client → the uint8 (28, 28) digit, or ImageError with a one-line reason."""
+def read_digit(data: bytes, charge: Callable[[int], None] | None = None) -> np.ndarray:
+    """Bytes from a client → the uint8 (28, 28) digit, or ImageError with a one-line reason.
+    `charge(pixels)` is told what decoding will cost before it starts (see serve.limits)."""
     if not data:
         raise ImageError("empty body: no image")
     refuse_unsupported(data)
     try:
-        return preprocess_file(data)
+        return preprocess_file(data, charge=charge)
     except ImageError as error:
         raise ImageError(str(error).removeprefix("image: ")) from None
+    except OverBudget:
+        raise
     except Exception as error:  # noqa: BLE001 - a Pillow plugin failing on hostile bytes
         raise ImageError(f"cannot decode the image ({type(error).__name__})") from None
 

@@ -1,5 +1,5 @@
 """The served models: loaded once at start-up, named by their run folder (never their path),
-and handed to the routes as a dependency."""
+and handed to the routes as a dependency (see serve.deps)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import Query, Request
 
 from mnist_cnn import MnistCnnError
 from mnist_cnn.runs import CHECKPOINT_FILE, MODEL_FILE, ONNX_FILE, TORCHSCRIPT_FILE, model_folder
-from mnist_cnn.serve.errors import ApiError
 from mnist_cnn.serve.settings import ServeSettings
 
 RUN_FILES = {MODEL_FILE, CHECKPOINT_FILE, ONNX_FILE, TORCHSCRIPT_FILE}
@@ -88,20 +86,3 @@ def load_models(settings: ServeSettings) -> list[ServedModel]:
         used.add(name)
         models.append(ServedModel(name=name, predictor=predictor, info=describe_model(predictor)))
     return models
-
-
-def served_models(request: Request) -> list[ServedModel]:
-    """Dependency: the app's models, the default first."""
-    return request.app.state.models
-
-
-def chosen_model(request: Request, model: str | None = Query(
-        None, description="model name from /api/models (default: the first)")) -> ServedModel:
-    """Dependency: the model a request names with ?model=, else the default."""
-    models = served_models(request)
-    if model is None:
-        return models[0]
-    for served in models:
-        if served.name == model:
-            return served
-    raise ApiError(404, f"unknown model {model!r}; available: {', '.join(m.name for m in models)}")

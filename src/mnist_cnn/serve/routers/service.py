@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 
 from mnist_cnn import __version__
-from mnist_cnn.serve.models import ServedModel, served_models
+from mnist_cnn.serve.deps import ModelsDep
 from mnist_cnn.serve.schemas import HealthResponse, ModelsResponse
 
 router = APIRouter(prefix="/api", tags=["service"])
 
 
 @router.get("/health", response_model=HealthResponse)
-async def health(models: list[ServedModel] = Depends(served_models)):
+async def health(models: ModelsDep):
     return {"status": "ok", "version": __version__, "models": [m.name for m in models]}
 
 
 @router.get("/models", response_model=ModelsResponse)
-async def list_models(models: list[ServedModel] = Depends(served_models)):
+async def list_models(models: ModelsDep):
     """The models served: architecture, parameters, data set, classes, recipe, accuracy."""
     return {"default": models[0].name, "models": [{"name": m.name, **m.info} for m in models]}
