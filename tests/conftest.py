@@ -21,7 +21,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from mnist_cnn.data import FILE_STEMS, IMAGE_MAGIC, LABEL_MAGIC, load_dataset
+from mnist_cnn.catalog import FILE_STEMS
+from mnist_cnn.data import load_dataset
+from mnist_cnn.idx import IMAGE_MAGIC, LABEL_MAGIC
 
 REPO = Path(__file__).resolve().parents[1]
 

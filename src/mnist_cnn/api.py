@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from mnist_cnn.data import IMAGE_SIZE
+from mnist_cnn.idx import IMAGE_SIZE
 from mnist_cnn.runs import LoadedModel, model_or_default, open_model
 
 

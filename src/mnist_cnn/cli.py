@@ -192,7 +192,7 @@ def add_evaluate_parser(subparsers) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from mnist_cnn.data import get_spec
+    from mnist_cnn.catalog import get_spec
     from mnist_cnn.evaluate import evaluate_model, format_report
 
     sources = chosen_models(([args.source] if args.source else []) + (args.model or []) or None)

@@ -58,7 +58,7 @@ def option(default: Any, help: str, *, check: Check | None = None,
 
 
 MODEL_NAMES = Registry("mnist_cnn.model", "MODELS")
-DATASET_NAMES = Registry("mnist_cnn.data", "DATASETS")
+DATASET_NAMES = Registry("mnist_cnn.catalog", "DATASETS")
 
 
 @dataclass

@@ -128,7 +128,7 @@ def evaluate_model(source: str | Path | None = None, *, data_dir: str | None = N
     """Evaluate a trained model (see mnist_cnn.runs.open_model; by default the newest run
     under ./runs, else the shipped model) on a split of its data set (or `dataset`): the
     document `mnist-cnn evaluate --json` prints, accuracy exactly correct / total."""
-    from mnist_cnn.data import get_spec
+    from mnist_cnn.catalog import get_spec
     from mnist_cnn.runs import load_split_for, model_or_default, open_model
     from mnist_cnn.runtime import resolve_device
 
@@ -150,7 +150,7 @@ def evaluate_ensemble(sources: list[str | Path], *, data_dir: str | None = None,
     """Each model's exact accuracy, and the ensemble's: the argmax of the members' mean
     probabilities. The members must predict the same classes."""
     from mnist_cnn import MnistCnnError
-    from mnist_cnn.data import get_spec
+    from mnist_cnn.catalog import get_spec
     from mnist_cnn.runs import load_split_for, open_model
     from mnist_cnn.runtime import resolve_device
 

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mnist_cnn.data import IMAGE_SIZE, scale
+from mnist_cnn.data import scale
+from mnist_cnn.idx import IMAGE_SIZE
 from mnist_cnn.model import MODELS, build_model, count_parameters
 
 

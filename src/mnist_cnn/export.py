@@ -19,7 +19,7 @@ from torch import nn
 
 from mnist_cnn import MnistCnnError, __version__
 from mnist_cnn import runs
-from mnist_cnn.data import get_spec
+from mnist_cnn.catalog import get_spec
 
 FORMATS = ("onnx", "torchscript")
 DEFAULT_NAMES = {"onnx": runs.ONNX_FILE, "torchscript": runs.TORCHSCRIPT_FILE}

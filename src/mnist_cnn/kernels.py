@@ -108,7 +108,7 @@ def _compiler() -> str | None:
 
 def library_path(compiler: str) -> Path:
     """Cached build: one per source, compiler, flags and CPU (for -march=native)."""
-    from mnist_cnn.data import user_cache_dir
+    from mnist_cnn.catalog import user_cache_dir
 
     key = hashlib.sha256()
     for part in (SOURCE.read_bytes(), compiler.encode(), " ".join(CFLAGS).encode(), _cpu_signature().encode()):

@@ -12,7 +12,8 @@ import numpy as np
 from mnist_cnn import MnistCnnError
 from mnist_cnn.calibrate import (DEFAULT_MIN_CONFIDENCE, model_min_confidence, model_temperature,
                                   read_calibration, temper)
-from mnist_cnn.data import IMAGE_SIZE, scale_array
+from mnist_cnn.data import scale_array
+from mnist_cnn.idx import IMAGE_SIZE
 from mnist_cnn.preprocess import ImageError, expand_paths, preprocess_file, to_image
 from mnist_cnn.runs import ONNX_FILE, CheckpointError, model_folder, read_model_info
 
@@ -149,7 +150,7 @@ def _calibration(path: Path, info: dict[str, Any]) -> tuple[float, float]:
 
 def _description(predictor, *, parameters: int | None) -> dict[str, Any]:
     """What a model is, for people and for the server's /api/models."""
-    from mnist_cnn.data import get_spec
+    from mnist_cnn.catalog import get_spec
 
     metrics = predictor.info.get("metrics") or {}
     folder = model_folder(predictor.path)

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mnist_cnn import MnistCnnError
-from mnist_cnn.data import IMAGE_SIZE
+from mnist_cnn.idx import IMAGE_SIZE
 from mnist_cnn.fileio import read_file, read_stream
 
 BOX_SIZE = 20  # MNIST fits each digit's longer side into 20 pixels

@@ -14,7 +14,8 @@ from torch import nn
 
 from mnist_cnn import runs
 from mnist_cnn.config import TrainConfig
-from mnist_cnn.data import Split, get_spec
+from mnist_cnn.catalog import get_spec
+from mnist_cnn.data import Split
 from mnist_cnn.evaluate import evaluation_from_logits, evaluation_report, split_logits
 from mnist_cnn.fileio import atomic_write_text
 from mnist_cnn.plots import (

@@ -281,7 +281,7 @@ class LoadedModel:
 
     @property
     def classes(self) -> tuple[str, ...]:
-        from mnist_cnn.data import get_spec
+        from mnist_cnn.catalog import get_spec
 
         return get_spec(self.config.dataset).classes
 
@@ -345,7 +345,7 @@ def _fit_weights(path: Path, model: "nn.Module", weights: dict[str, "torch.Tenso
 def open_model(source: str | Path, *, device: "torch.device | str" = "cpu") -> LoadedModel:
     """A trained model (eval mode, on `device`) from a run folder, a model.safetensors, a
     checkpoint.pt, or a state_dict file saved from the tutorial's CNN_MNIST."""
-    from mnist_cnn.data import get_spec
+    from mnist_cnn.catalog import get_spec
     from mnist_cnn.model import build_model, to_device
 
     path = resolve_model_path(source)

@@ -25,7 +25,8 @@ from mnist_cnn import MnistCnnError, distributed, runs
 from mnist_cnn.config import TrainConfig, validate_train_config
 from mnist_cnn.augment import augment, random_shift  # noqa: F401 (random_shift: public here too)
 from mnist_cnn.calibrate import calibrate, format_calibration
-from mnist_cnn.data import Split, get_spec, hold_out, load_dataset, steps_per_epoch, train_batches
+from mnist_cnn.catalog import get_spec
+from mnist_cnn.data import Split, hold_out, load_dataset, steps_per_epoch, train_batches
 from mnist_cnn.distributed import World
 from mnist_cnn.evaluate import evaluate, evaluation_from_logits, evaluation_report, split_logits
 from mnist_cnn.losses import batch_loss
