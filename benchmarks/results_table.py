@@ -142,7 +142,8 @@ def measure(run: Path, mnist_test) -> dict:
     from mnist_cnn.explain import multiply_adds
     from mnist_cnn.model import build_model
     from mnist_cnn.predict import TorchPredictor
-    from mnist_cnn.runs import open_model, read_metrics
+    from mnist_cnn.checkpoints import open_model
+    from mnist_cnn.runs import read_metrics
 
     info = json.loads((run / "model.json").read_text())
     timing = json.loads((run / "timing.json").read_text())

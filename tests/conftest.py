@@ -182,7 +182,7 @@ def shipped_model() -> Path:
     weights on every machine, for tests that expect given answers on given digits (a model
     trained during the session differs between CPUs whose kernels round differently).
     It is the package's own folder: copy it before writing anything next to it."""
-    from mnist_cnn.runs import PRETRAINED_DIR
+    from mnist_cnn.checkpoints import PRETRAINED_DIR
 
     return PRETRAINED_DIR
 

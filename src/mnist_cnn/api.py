@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from mnist_cnn.idx import IMAGE_SIZE
-from mnist_cnn.runs import LoadedModel, model_or_default, open_model
+from mnist_cnn.checkpoints import LoadedModel, model_or_default, open_model
 
 
 def load_model(source: str | Path | None = None, *, device: str = "cpu") -> LoadedModel:

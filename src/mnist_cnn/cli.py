@@ -87,7 +87,7 @@ def add_model_flag(p, *, several: bool = False) -> None:
 
 
 def chosen_model(value: str | None) -> str:
-    from mnist_cnn.runs import model_or_default
+    from mnist_cnn.checkpoints import model_or_default
 
     return str(model_or_default(value))
 

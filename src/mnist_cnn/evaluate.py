@@ -125,11 +125,11 @@ def format_report(report: dict[str, Any], *, title: str) -> str:
 def evaluate_model(source: str | Path | None = None, *, data_dir: str | None = None,
                    dataset: str | None = None, split: str = "test", device: str = "auto",
                    batch_size: int = 1000) -> dict[str, Any]:
-    """Evaluate a trained model (see mnist_cnn.runs.open_model; by default the newest run
+    """Evaluate a trained model (see mnist_cnn.checkpoints.open_model; by default the newest run
     under ./runs, else the shipped model) on a split of its data set (or `dataset`): the
     document `mnist-cnn evaluate --json` prints, accuracy exactly correct / total."""
     from mnist_cnn.catalog import get_spec
-    from mnist_cnn.runs import load_split_for, model_or_default, open_model
+    from mnist_cnn.checkpoints import load_split_for, model_or_default, open_model
     from mnist_cnn.runtime import resolve_device
 
     target = resolve_device(device)
@@ -151,7 +151,7 @@ def evaluate_ensemble(sources: list[str | Path], *, data_dir: str | None = None,
     probabilities. The members must predict the same classes."""
     from mnist_cnn import MnistCnnError
     from mnist_cnn.catalog import get_spec
-    from mnist_cnn.runs import load_split_for, open_model
+    from mnist_cnn.checkpoints import load_split_for, open_model
     from mnist_cnn.runtime import resolve_device
 
     target = resolve_device(device)

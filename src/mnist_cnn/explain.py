@@ -100,7 +100,7 @@ def summary(model: str | Path = "seed") -> str:
     """The layer table of a registered model name, a run folder or a model file."""
     if str(model) in MODELS:
         return format_summary(build_model(str(model)), f"model {model!r}")
-    from mnist_cnn.runs import open_model
+    from mnist_cnn.checkpoints import open_model
 
     loaded = open_model(model, device="cpu")
     return format_summary(loaded.model, f"model {loaded.config.model!r} from {model}")
@@ -188,7 +188,7 @@ def explain(source: str | Path, *, image: str | Path | None = None, test_index: 
     """Explain one user image (preprocessed as for predict) or one test image by index."""
     from mnist_cnn import MnistCnnError
     from mnist_cnn.preprocess import preprocess_file
-    from mnist_cnn.runs import load_split_for, open_model
+    from mnist_cnn.checkpoints import load_split_for, open_model
     from mnist_cnn.runtime import resolve_device
 
     target = resolve_device(device)

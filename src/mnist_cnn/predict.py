@@ -15,7 +15,8 @@ from mnist_cnn.calibrate import (DEFAULT_MIN_CONFIDENCE, model_min_confidence, m
 from mnist_cnn.data import scale_array
 from mnist_cnn.idx import IMAGE_SIZE
 from mnist_cnn.preprocess import ImageError, expand_paths, preprocess_file, to_image
-from mnist_cnn.runs import ONNX_FILE, CheckpointError, model_folder, read_model_info
+from mnist_cnn.checkpoints import read_model_info
+from mnist_cnn.runs import ONNX_FILE, CheckpointError, model_folder
 
 BACKENDS = ("torch", "onnxruntime")
 
@@ -27,7 +28,7 @@ class TorchPredictor:
     backend = "torch"
 
     def __init__(self, source: str | Path, *, device: str = "auto"):
-        from mnist_cnn.runs import open_model
+        from mnist_cnn.checkpoints import open_model
         from mnist_cnn.runtime import resolve_device
 
         self.device = resolve_device(device)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mnist_cnn import runs
+from mnist_cnn import checkpoints, runs
 from mnist_cnn.config import TrainConfig
 from mnist_cnn.catalog import get_spec
 from mnist_cnn.data import Split
@@ -54,13 +54,13 @@ def split_results(model: nn.Module, config: TrainConfig, test: Split) -> SplitRe
 
 
 def load_split_results(source: str | Path, *, device: str = "auto", data_dir: str | None = None,
-                       dataset: str | None = None) -> tuple[SplitResults, runs.LoadedModel]:
+                       dataset: str | None = None) -> tuple[SplitResults, checkpoints.LoadedModel]:
     """A trained model and its results on the test split of its data set (or `dataset`)."""
     from mnist_cnn.runtime import resolve_device
 
     target = resolve_device(device)
-    loaded = runs.open_model(source, device=target)
-    test = runs.load_split_for(loaded, dataset=dataset, data_dir=data_dir, device=target)
+    loaded = checkpoints.open_model(source, device=target)
+    test = checkpoints.load_split_for(loaded, dataset=dataset, data_dir=data_dir, device=target)
     config = TrainConfig.from_dict({**loaded.config.to_dict(), "dataset": loaded.data_source(dataset)[0]})
     return split_results(loaded.model, config, test), loaded
 
@@ -171,7 +171,7 @@ def write_run_artifacts(run_dir: Path, results: SplitResults, model: nn.Module, 
                       format_summary(model, f"model {results.config.model!r}") + "\n")
     explanation_figure(explain_digit(model, results.images[0]), results.classes, run_dir / runs.EXPLAIN_FILE,
                        title=f"test image #0 (true: {results.classes[int(results.labels[0])]})")
-    text = render_report(run_dir, results, runs.read_metrics(run_dir), runs.read_model_info(run_dir), images)
+    text = render_report(run_dir, results, runs.read_metrics(run_dir), checkpoints.read_model_info(run_dir), images)
     output = output or run_dir / runs.REPORT_FILE
     atomic_write_text(output, text)
     return output
@@ -181,7 +181,7 @@ def require_run_dir(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise runs.CheckpointError(f"{run_dir}: no such run folder")
-    runs.resolve_model_path(run_dir)  # a clear error when it holds no model or checkpoint
+    checkpoints.resolve_model_path(run_dir)  # a clear error when it holds no model or checkpoint
     return run_dir
 
 

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from mnist_cnn import MnistCnnError, distributed, runs
+from mnist_cnn import MnistCnnError, checkpoints, distributed, runs
 from mnist_cnn.config import TrainConfig, validate_train_config
 from mnist_cnn.augment import augment, random_shift  # noqa: F401 (random_shift: public here too)
 from mnist_cnn.calibrate import calibrate, format_calibration
@@ -207,7 +207,7 @@ def resume_in_world(world: distributed.World, run_dir: str | Path, *, data_dir: 
                     progress: bool, log: Log) -> TrainResult:
     """resume() within its process group (the run's state is gone when this returns)."""
     log = world.main_only(log)
-    opened = world.on_main(lambda: runs.open_run(run_dir))  # only rank 0 reads the folder
+    opened = world.on_main(lambda: checkpoints.open_run(run_dir))  # only rank 0 reads the folder
     data_dir = data_dir or opened.data_dir
     run = build_run(opened.config, device=str(world.device), data_dir=data_dir, log=log,
                     run_dir=lambda: opened.run_dir)
@@ -292,7 +292,7 @@ def save_checkpoint(run: Run) -> None:
     """Every rank's random state is gathered (a collective under torchrun); rank 0 writes the
     unwrapped model's weights, so any number of processes can load them."""
     states = run.world.gather(rng_state(run.device))
-    run.world.on_main(lambda: runs.save_checkpoint(run.run_dir, {
+    run.world.on_main(lambda: checkpoints.save_checkpoint(run.run_dir, {
         "config": run.config.to_dict(), "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
         "rng": states[0], "world_size": run.world.size,
@@ -428,7 +428,7 @@ def save_final_model(run: Run, *, log: Log = print) -> Path:
         "train_seconds_total": sum(record["seconds"] for record in run.metrics),
         "parameters": count_parameters(run.model),
         "environment": environment(run.device),
-        "checkpoint_format_version": runs.FORMAT_VERSION,
+        "checkpoint_format_version": checkpoints.FORMAT_VERSION,
         **({"calibration": calibration} if calibration else {}),
     }
-    return runs.save_model(run.run_dir, run.model, run.config, info)
+    return checkpoints.save_model(run.run_dir, run.model, run.config, info)
