@@ -18,6 +18,7 @@ LOSSES = ("kl", "ce")
 SCHEDULES = ("constant", "onecycle")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("fp32", "bf16", "fp16")
+KERNELS = ("auto", "torch", "custom")  # see mnist_cnn.kernels
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,9 @@ class TrainConfig:
                        check=NON_NEGATIVE_INT)
     eval_batch_size: int = option(1000, "images per forward pass when evaluating", check=POSITIVE_INT)
     precision: str = option("fp32", "autocast precision (fp16 needs CUDA)", choices=PRECISIONS)
+    kernels: str = option("auto", "the seed model's conv blocks while training: auto (the custom C "
+                          "kernels where measured faster), custom (wherever they apply) or torch "
+                          "(torch's ops only); $MNIST_CNN_KERNELS overrides", choices=KERNELS)
     preset: str | None = option(None, "the named recipe these values came from", flag=False)
 
     def to_dict(self) -> dict[str, Any]:

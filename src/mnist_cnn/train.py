@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from mnist_cnn import MnistCnnError, checkpoints, distributed, runs
+from mnist_cnn import MnistCnnError, checkpoints, distributed, kernels, runs
 from mnist_cnn.config import TrainConfig, validate_train_config
 from mnist_cnn.augment import augment, random_shift  # noqa: F401 (random_shift: public here too)
 from mnist_cnn.calibrate import calibrate, format_calibration
@@ -30,7 +30,7 @@ from mnist_cnn.data import Split, hold_out, load_dataset, steps_per_epoch, train
 from mnist_cnn.distributed import World
 from mnist_cnn.evaluate import evaluate, evaluation_from_logits, evaluation_report, split_logits
 from mnist_cnn.losses import batch_loss
-from mnist_cnn.model import build_model, count_parameters, to_device
+from mnist_cnn.model import count_parameters, to_device
 from mnist_cnn.runtime import environment, resolve_device
 
 EXIT_INTERRUPTED = 130
@@ -184,7 +184,8 @@ def train_in_world(world: distributed.World, config: TrainConfig, *, run_dir: st
     def start_folder() -> None:
         runs.write_metrics(run.run_dir, [])
         runs.write_run_config(run.run_dir, {
-            "config": config.to_dict(), "data_dir": data_dir, "environment": environment(run.device),
+            "config": run.config.to_dict(), "data_dir": data_dir, "environment": environment(run.device),
+            "kernel_blocks": kernels.kernel_blocks(run.model),  # on the custom kernels, here
             "argv": sys.argv, "parameters": count_parameters(run.model), "steps_per_epoch": run.steps,
             "world_size": world.size,
             "started": datetime.now().astimezone().isoformat(timespec="seconds")})
@@ -245,8 +246,13 @@ def build_run(config: TrainConfig, *, device: str, data_dir: str | None, log: Lo
     data = load_dataset(config.dataset, data_dir, device=target, log=log)
     if config.val_size:  # the same images in every process and on resume: a function of the seed
         data["train"], data["val"] = hold_out(data["train"], config.val_size, seed=config.seed)
+    choice = kernels.mode(config.kernels)
+    if choice != config.kernels:  # recorded as used: config.json and checkpoints say what ran
+        log(f"{kernels.ENV}={choice} overrides the run's kernels setting ({config.kernels})")
+        config = replace(config, kernels=choice)
     torch.manual_seed(config.seed)
-    model = to_device(build_model(config.model, num_classes=len(get_spec(config.dataset).classes)), target)
+    model = to_device(kernels.build_training_model(
+        config.model, num_classes=len(get_spec(config.dataset).classes), choice=config.kernels), target)
     return Run(config=config, run_dir=run_dir(), device=target, data_dir=data_dir, data=data,
                model=model, optimizer=make_optimizer(model, config, target),
                scaler=torch.amp.GradScaler("cuda", enabled=config.precision == "fp16"),
