@@ -44,6 +44,8 @@ PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 
 
 def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
+    """Write checkpoint.pt (atomically: a crash leaves the previous one), stamped with its
+    format and version."""
     import torch
 
     state = {"format": CHECKPOINT_FORMAT, "format_version": FORMAT_VERSION, **state}
@@ -72,6 +74,8 @@ def _check_checkpoint(path: Path, state: Any) -> dict[str, Any]:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint (the file, or checkpoint.pt in a run folder), loaded with weights_only
+    and checked for its format and version."""
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_FILE

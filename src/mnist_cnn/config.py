@@ -116,6 +116,7 @@ def recipe_fields() -> list[dataclasses.Field]:
 
 
 def flag_name(name: str) -> str:
+    """The command-line flag of config field `name` (batch_size → --batch-size)."""
     return "--" + name.replace("_", "-")
 
 

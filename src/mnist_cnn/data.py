@@ -39,6 +39,8 @@ class Split:
 
 
 def load_split(paths: dict[str, Path], split: str, spec: DatasetSpec) -> Split:
+    """One split read from `paths` (found by catalog.locate), checked against `spec`'s
+    checksums and format; images and labels must be as many."""
     image_stem, label_stem = spec.files[split]
     parse_spec_labels = partial(parse_labels, num_classes=len(spec.classes),
                                 column=spec.label_column)

@@ -44,6 +44,8 @@ def launched() -> bool:
 
 
 def timeout_seconds() -> float:
+    """How long to wait for the other processes to join ($MNIST_CNN_DIST_TIMEOUT, else
+    DEFAULT_TIMEOUT)."""
     text = os.environ.get(TIMEOUT_ENV, "")
     if not text:
         return DEFAULT_TIMEOUT
@@ -68,6 +70,8 @@ def threads_per_process(local_size: int) -> int:
 
 
 def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and taskset
+    limit)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux

@@ -183,6 +183,8 @@ def evaluate_ensemble(sources: list[str | Path], *, data_dir: str | None = None,
 
 
 def format_ensemble(report: dict[str, Any]) -> str:
+    """An evaluate_ensemble report as the lines `mnist-cnn evaluate` prints: each member,
+    then the ensemble."""
     lines = [f"ensemble of {len(report['members'])} models on {report['dataset']} {report['split']} split"]
     for member in report["members"]:
         lines.append(f"  {100 * member['accuracy']:6.2f}% ({member['correct']}/{member['total']})  {member['model']}")

@@ -108,6 +108,9 @@ def summary(model: str | Path = "seed") -> str:
 
 @dataclass
 class Explanation:
+    """What explain_digit found for one digit: the input, the class probabilities, each
+    conv layer's feature maps and a saliency map."""
+
     digit: np.ndarray  # uint8 (28, 28): what the model saw
     probabilities: np.ndarray  # (classes,)
     feature_maps: dict[str, np.ndarray]  # conv layer name → (channels, h, w)
@@ -119,6 +122,8 @@ class Explanation:
 
 
 def explain_digit(model: nn.Module, digit: np.ndarray) -> Explanation:
+    """Run `model` on one uint8 digit, recording each convolution's output and the
+    gradient of the predicted class's logit with respect to the pixels."""
     device = next(model.parameters()).device
     model.eval()
     maps: dict[str, np.ndarray] = {}
@@ -142,6 +147,8 @@ def explain_digit(model: nn.Module, digit: np.ndarray) -> Explanation:
 
 def explanation_figure(explanation: Explanation, classes: tuple[str, ...], path: Path,
                        title: str = "") -> Path:
+    """Draw an Explanation (input, saliency, probabilities, feature maps) into a PNG at
+    `path`."""
     import matplotlib
 
     matplotlib.use("Agg")

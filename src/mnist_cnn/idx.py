@@ -84,6 +84,7 @@ def _magic(data: bytes) -> int:
 
 
 def parse_images(data: bytes, *, source: str = "<bytes>") -> np.ndarray:
+    """Images (N, 28, 28) uint8 from IDX bytes: magic number 2051 and 28x28 checked."""
     if _magic(data) != IMAGE_MAGIC:
         raise DataError(f"{source}: magic number {_magic(data)}, expected {IMAGE_MAGIC} "
                         "(an IDX file of images)")

@@ -47,15 +47,12 @@ ENV = "MNIST_CNN_KERNELS"
 SOURCE = Path(__file__).with_name("kernels.c")
 CFLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-std=c11")
 
-# Where `auto` uses the kernels: measured faster (forward + backward of each block at batch 128
-# and 256, the whole step, and an epoch; channels-last, interleaved with the reference ops) on
-# an Intel Xeon with AVX-512 (KVM guest, 2 cores), 2026-11-30, with 1 thread: the cores were
-# shared with other jobs, which makes 2-thread timings scatter 2x (see the README and
-# benchmarks/kernels.py). AMD could not be measured: there `auto` keeps the reference ops
-# until someone measures it (MNIST_CNN_KERNELS=custom to try).
-# (Training runs that hung on 2026-11-30 ~13:30-13:40 met a worker pool that could miss its
-# first job; the pool is gone — each call starts and joins its own threads — and tests run two
-# trainings at once, in two processes and in two threads.)
+# Where `auto` uses the kernels: where they were measured faster (forward + backward of each
+# block at batch 128 and 256, the whole step, and an epoch; channels-last, interleaved with the
+# reference ops, 1 thread; benchmarks/kernels.py, figures and machine in benchmarks/results/).
+# Only Intel with AVX-512 has been measured: elsewhere `auto` keeps the reference ops until
+# someone measures (`--kernels custom` to try). Concurrent trainings, in threads or processes,
+# are safe: each call starts and joins its own threads (see parallel() in kernels.c).
 DEFAULT_ON: dict[str, dict[str, bool]] = {"GenuineIntel": {"conv1": True, "conv2": True}}
 # The block's convolution computed inside the kernel (no full-size map) rather than by torch
 # (oneDNN), where measured faster (same machine and runs as DEFAULT_ON).

@@ -116,4 +116,5 @@ def to_device(model: nn.Module, device: torch.device | str) -> nn.Module:
 
 
 def count_parameters(model: nn.Module) -> int:
+    """The number of parameters (weights and biases) of `model`."""
     return sum(p.numel() for p in model.parameters())

@@ -181,6 +181,8 @@ def make_predictor(source: str | Path | Sequence[str | Path], *, backend: str = 
 
 @dataclass
 class Prediction:
+    """One image's answer (or its error), and how predict prints it as text or JSON."""
+
     path: str
     probabilities: list[float] = field(default_factory=list)
     classes: tuple[str, ...] = ()

@@ -158,6 +158,7 @@ def normalise_ink(gray: np.ndarray) -> np.ndarray:
 
 
 def center_of_mass(image: np.ndarray) -> tuple[float, float]:
+    """(row, column) of the ink's centre of mass, as MNIST centred its digits by."""
     total = image.sum()
     rows, cols = np.indices(image.shape)
     return float((rows * image).sum() / total), float((cols * image).sum() / total)
@@ -189,6 +190,8 @@ def preprocess(image: Image.Image, *, source: str = "image") -> np.ndarray:
 
 
 def preprocess_file(source: str | Path | bytes, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """A file's or encoded bytes' image as an MNIST-style 28x28 uint8 digit (see
+    preprocess)."""
     name = "image" if isinstance(source, bytes) else str(source)
     return preprocess(open_image(source, max_pixels=max_pixels), source=name)
 

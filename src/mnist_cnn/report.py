@@ -42,6 +42,8 @@ class SplitResults:
 
 
 def split_results(model: nn.Module, config: TrainConfig, test: Split) -> SplitResults:
+    """`model`'s probabilities and evaluation report on `test`, with the images, for the
+    plots and galleries."""
     classes = get_spec(config.dataset).classes
     logits = split_logits(model, test)
     evaluation = evaluation_from_logits(logits, test.labels, loss=config.loss, num_classes=len(classes))
@@ -178,6 +180,8 @@ def write_run_artifacts(run_dir: Path, results: SplitResults, model: nn.Module, 
 
 
 def require_run_dir(run_dir: str | Path) -> Path:
+    """`run_dir` as a Path, or CheckpointError if it is not a run folder holding a model
+    or checkpoint."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise runs.CheckpointError(f"{run_dir}: no such run folder")
@@ -186,6 +190,8 @@ def require_run_dir(run_dir: str | Path) -> Path:
 
 
 def plot_run(run_dir: str | Path, *, device: str = "auto", data_dir: str | None = None) -> list[Path]:
+    """Redraw a run's three charts (learning curves, confusion matrix, per-class accuracy)
+    into its folder."""
     run_dir = require_run_dir(run_dir)
     return write_plots(run_dir, load_split_results(run_dir, device=device, data_dir=data_dir)[0])
 

@@ -69,6 +69,7 @@ def create_run_dir(run_dir: str | Path | None = None) -> Path:
 
 
 def write_run_config(run_dir: Path, document: dict[str, Any]) -> None:
+    """Write config.json (atomically): the resolved recipe and what the run started from."""
     atomic_write_text(run_dir / CONFIG_FILE, json.dumps(document, indent=2) + "\n")
 
 
@@ -90,11 +91,14 @@ def write_metrics(run_dir: Path, metrics: list[dict[str, Any]]) -> None:
 
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    """Add one finished epoch's record to metrics.jsonl."""
     with open(Path(run_dir) / METRICS_FILE, "a") as handle:
         handle.write(json.dumps(record) + "\n")
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl, one per finished epoch; CheckpointError naming the
+    line when one is not JSON."""
     path = Path(run_dir) / METRICS_FILE
     try:
         lines = path.read_text().splitlines()
