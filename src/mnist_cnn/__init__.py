@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 class MnistCnnError(Exception):
     """A problem the user can fix (bad path, corrupt file, invalid value).
 
-    The CLI prints its message as one line on stderr and exits with status 2,
+    The CLI prints its message as one line on stderr and exits with status 2 (exits.USAGE),
     so the message must say what is wrong and, where possible, what to do.
     """
 

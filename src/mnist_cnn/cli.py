@@ -1,7 +1,8 @@
 """The `mnist-cnn` command: thin argparse front ends over the library's functions.
 
 Heavy imports (torch) happen inside the handlers so that `mnist-cnn --help` answers at once.
-Errors a user can fix print one line on stderr and exit with status 2.
+Errors a user can fix print one line on stderr and exit with status 2 (the statuses are
+defined in mnist_cnn.exits).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 from dataclasses import MISSING
 from typing import Any, Callable, Sequence
 
-from mnist_cnn import MnistCnnError, __version__, config
+from mnist_cnn import MnistCnnError, __version__, config, exits
 from mnist_cnn.config import (
     DEVICES,
     FINITE,
@@ -22,7 +23,6 @@ from mnist_cnn.config import (
     recipe_fields,
 )
 
-EXIT_USAGE = 2
 MODEL_HELP = ("a run folder, model.safetensors, checkpoint.pt, or a state_dict saved from the "
               "tutorial's CNN_MNIST (default: the newest finished run under ./runs, else the "
               "model shipped with mnist-cnn)")
@@ -32,7 +32,7 @@ class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (what is wrong, where to read more)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(exits.USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def value_parser(kind: Callable[[str], Any], check: Check | None) -> Callable[[str], Any]:
@@ -141,7 +141,7 @@ def worker_argv(args: argparse.Namespace) -> list[str]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mnist_cnn.config import resolve_train_config
-    from mnist_cnn.train import EXIT_INTERRUPTED, resume, train
+    from mnist_cnn.train import resume, train
 
     given = recipe_values(args)
     if args.nproc:
@@ -158,9 +158,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         preset = given.pop("preset", None)
         result = train(resolve_train_config(preset, given), run_dir=args.run_dir, **options)
     if not result.completed:
-        return EXIT_INTERRUPTED
+        return exits.INTERRUPTED
     if not result.main:  # under torchrun rank 0 alone prints and reports
-        return 0
+        return exits.OK
     if result.metrics:
         last = result.metrics[-1]
         total = sum(record["seconds"] for record in result.metrics)
@@ -172,7 +172,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from mnist_cnn.report import report_run
 
         print(f"report: {report_run(result.run_dir, device=args.device, data_dir=args.data_dir)}")
-    return 0
+    return exits.OK
 
 
 # ---------------------------------------------------------------- evaluate, predict, show
@@ -203,14 +203,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         report = evaluate_ensemble(sources, **options)
         print(json.dumps(report) if args.json else format_ensemble(report))
-        return 0
+        return exits.OK
     report = evaluate_model(sources[0], **options)
     if args.json:
         print(json.dumps(report))
     else:
         title = f"{sources[0]} on {get_spec(report['dataset']).title} {report['split']} split"
         print(format_report(report, title=title))
-    return 0
+    return exits.OK
 
 
 def add_predict_parser(subparsers) -> None:
@@ -220,7 +220,8 @@ def add_predict_parser(subparsers) -> None:
                     "expanded; - reads one image from standard input). Images are normalised as "
                     "MNIST's digits were: inverted if dark on light, cropped, fitted into 20x20, "
                     "centred by centre of mass in 28x28. "
-                    "Exit status: 0 all predicted, 1 some image failed, 2 usage error.")
+                    f"Exit status: {exits.OK} all predicted, {exits.FAILED} some image failed, "
+                    f"{exits.USAGE} usage error.")
     add_model_flag(p, several=True)
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--top", type=POSITIVE_INT, default=1, metavar="K", help="show the K most likely classes (default: 1)")
@@ -248,7 +249,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(json.dumps(result.to_json(max(args.top, 3))), flush=True)
         else:
             print(result.to_text(args.top), file=sys.stderr if result.error else sys.stdout, flush=True)
-    return 1 if any(result.error for result in results) else 0
+    return exits.FAILED if any(result.error for result in results) else exits.OK
 
 
 def add_show_parser(subparsers) -> None:
@@ -271,7 +272,7 @@ def cmd_show(args: argparse.Namespace) -> int:
                        output=args.output, device=args.device, data_dir=args.data_dir,
                        dataset=args.dataset)
     print(f"wrote {path} ({count} images)")
-    return 0
+    return exits.OK
 
 
 # ---------------------------------------------------------------- pictures of a run
@@ -290,14 +291,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
     for path in plot_run(args.run_dir, device=args.device, data_dir=args.data_dir):
         print(f"wrote {path}")
-    return 0
+    return exits.OK
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from mnist_cnn.report import report_run
 
     print(f"wrote {report_run(args.run_dir, output=args.output, device=args.device, data_dir=args.data_dir)}")
-    return 0
+    return exits.OK
 
 
 def add_summary_parser(subparsers) -> None:
@@ -315,11 +316,11 @@ def cmd_summary(args: argparse.Namespace) -> int:
         from mnist_cnn.model import MODELS
 
         print("\n".join(MODELS))
-        return 0
+        return exits.OK
     from mnist_cnn.explain import summary
 
     print(summary(args.model))
-    return 0
+    return exits.OK
 
 
 def add_explain_parser(subparsers) -> None:
@@ -343,7 +344,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
                                 output=args.output, device=args.device, data_dir=args.data_dir)
     print(f"predicted {explanation.predicted} "
           f"({100 * explanation.probabilities[explanation.predicted]:.2f}%); wrote {path}")
-    return 0
+    return exits.OK
 
 
 def add_export_parser(subparsers) -> None:
@@ -363,7 +364,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from mnist_cnn.export import export_model
 
     print(f"wrote {export_model(chosen_model(args.model), format=args.format, output=args.output)}")
-    return 0
+    return exits.OK
 
 
 def build_parser() -> Parser:
@@ -397,13 +398,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except MnistCnnError as error:
         print(f"mnist-cnn {args.command}: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return exits.USAGE
     except KeyboardInterrupt:
         print(f"mnist-cnn {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return exits.INTERRUPTED
     except BrokenPipeError:
-        return 0
+        return exits.OK
     except OSError as error:  # disk full, permissions: the machine's problem, said in one line
         detail = f"{error.strerror}: {error.filename}" if error.filename else str(error)
         print(f"mnist-cnn {args.command}: error: {detail}", file=sys.stderr)
-        return 1
+        return exits.FAILED

@@ -24,13 +24,12 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 
-from mnist_cnn import MnistCnnError
+from mnist_cnn import MnistCnnError, exits
 from mnist_cnn.runtime import resolve_device
 
 TIMEOUT_ENV = "MNIST_CNN_DIST_TIMEOUT"
 THREADS_ENV = "MNIST_CNN_THREADS"  # torch threads per process under torchrun
 DEFAULT_TIMEOUT = 300.0  # seconds: rank 0's evaluation and checkpoint of a full epoch fit well
-EXIT_INTERRUPTED = 130
 T = TypeVar("T")
 
 
@@ -351,13 +350,13 @@ def launch(nproc: int, argv: list[str]) -> int:
     try:
         run(args)
     except SignalException:  # Ctrl-C or SIGTERM here: the launcher passed it on and waited
-        return EXIT_INTERRUPTED
+        return exits.INTERRUPTED
     except ChildFailedError as error:
         codes = {failure.exitcode for failure in error.failures.values()}
-        if codes <= {EXIT_INTERRUPTED, -signal.SIGTERM, -signal.SIGINT}:
-            return EXIT_INTERRUPTED  # stopped on request; rank 0 said where it saved
-        if codes <= {2}:
-            return 2  # a user error each rank has explained
+        if codes <= {exits.INTERRUPTED, -signal.SIGTERM, -signal.SIGINT}:
+            return exits.INTERRUPTED  # stopped on request; rank 0 said where it saved
+        if codes <= {exits.USAGE}:
+            return exits.USAGE  # a user error each rank has explained
         rank, failure = error.get_first_failure()
         raise DistributedError(f"{_describe_failure(rank, failure)}; the others were stopped "
                                "(the run folder keeps its last checkpoint)") from None
@@ -367,4 +366,4 @@ def launch(nproc: int, argv: list[str]) -> int:
         for signum, handler in saved.items():
             with contextlib.suppress(ValueError, TypeError):  # not the main thread
                 signal.signal(signum, handler)
-    return 0
+    return exits.OK

@@ -33,7 +33,6 @@ from mnist_cnn.losses import batch_loss
 from mnist_cnn.model import count_parameters, to_device
 from mnist_cnn.runtime import environment, resolve_device
 
-EXIT_INTERRUPTED = 130
 Log = Callable[[str], None]
 
 
