@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conftest import MNIST_MODEL_RECIPE
-from mnist_cnn.evaluate import evaluate_model
+from mnist_cnn import evaluate_model
 from mnist_cnn.checkpoints import PRETRAINED_DIR
 
 

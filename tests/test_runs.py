@@ -142,3 +142,31 @@ def test_the_python_api_returns_plain_objects(mnist_model, mnist):
     assert report["correct"] == json.loads((mnist_model / "model.json").read_text())["metrics"]["test_correct"]
     with pytest.raises(MnistCnnError, match="no such file or folder"):
         load_model("/no/such/run")
+
+
+def test_a_command_resolves_its_device_and_its_default_model_once(tmp_path, monkeypatch, mnist, capsys):
+    # Where a command starts (its CLI handler, or a Python API function) --device and the
+    # default model are resolved, once; the functions below receive the objects. Two members
+    # of an ensemble share the one device.
+    from mnist_cnn import api, runtime
+    from mnist_cnn.cli import main
+
+    devices, models = [], []
+    resolve, choose = runtime.resolve_device, checkpoints.model_or_default
+    monkeypatch.setattr(runtime, "resolve_device", lambda name: devices.append(name) or resolve(name))
+    monkeypatch.setattr(checkpoints, "model_or_default",
+                        lambda value, **kw: models.append(value) or choose(value, **kw))
+    monkeypatch.setattr(api, "model_or_default", checkpoints.model_or_default)
+    monkeypatch.chdir(tmp_path)  # no ./runs here: the shipped model is the default
+    image = tmp_path / "digit.png"
+    on_paper(mnist["test"][0][0]).save(image)
+    shipped = str(checkpoints.PRETRAINED_DIR)
+    assert main(["predict", str(image), "--model", shipped, "--model", shipped, "--device", "cpu"]) == 0
+    assert devices == ["cpu"] and models == [shipped, shipped]
+    devices.clear(), models.clear()
+    assert main(["predict", str(image), "--device", "cpu"]) == 0
+    assert devices == ["cpu"] and models == [None]
+    assert f"digit.png: {mnist['test'][1][0]} (" in capsys.readouterr().out
+    devices.clear(), models.clear()
+    assert api.predict_images(mnist["test"][0][:2], device="cpu").shape == (2, 10)
+    assert devices == ["cpu"] and models == [None]

@@ -26,7 +26,7 @@ _API = {  # public name: (module, name there)
     "TrainConfig": ("mnist_cnn.config", "TrainConfig"),
     "train_model": ("mnist_cnn.train", "train"),
     "resume_training": ("mnist_cnn.train", "resume"),
-    "evaluate_model": ("mnist_cnn.evaluate", "evaluate_model"),
+    "evaluate_model": ("mnist_cnn.api", "evaluate_model"),
     "load_model": ("mnist_cnn.api", "load_model"),
     "predict_images": ("mnist_cnn.api", "predict_images"),
 }

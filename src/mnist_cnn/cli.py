@@ -86,13 +86,26 @@ def add_model_flag(p, *, several: bool = False) -> None:
                    help=MODEL_HELP + ("; give several to use them as an ensemble" if several else ""))
 
 
+# Where a command starts, its handler turns --device and --model into a device and a model
+# path, once (these two helpers), and passes them down; nothing below re-resolves them.
+
+
+def chosen_device(name: str):
+    """--device as a torch.device (auto: cuda, mps, then cpu); an unavailable one is an error."""
+    from mnist_cnn.runtime import resolve_device
+
+    return resolve_device(name)
+
+
 def chosen_model(value: str | None) -> str:
+    """--model, or the default: the newest finished run under ./runs, else the shipped model."""
     from mnist_cnn.checkpoints import model_or_default
 
     return str(model_or_default(value))
 
 
 def chosen_models(values: list[str] | None) -> list[str]:
+    """Each --model given, or the default one."""
     return [chosen_model(value) for value in values] if values else [chosen_model(None)]
 
 
@@ -171,7 +184,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.no_report:
         from mnist_cnn.report import report_run
 
-        print(f"report: {report_run(result.run_dir, device=args.device, data_dir=args.data_dir)}")
+        print(f"report: {report_run(result.run_dir, device=result.device, data_dir=args.data_dir)}")
     return exits.OK
 
 
@@ -193,18 +206,18 @@ def add_evaluate_parser(subparsers) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from mnist_cnn.catalog import get_spec
-    from mnist_cnn.evaluate import evaluate_model, format_report
+    from mnist_cnn.evaluate import evaluate_saved, format_report
 
     sources = chosen_models(([args.source] if args.source else []) + (args.model or []) or None)
     options = dict(data_dir=args.data_dir, dataset=args.dataset, split=args.split,
-                   device=args.device, batch_size=args.batch_size)
+                   device=chosen_device(args.device), batch_size=args.batch_size)
     if len(sources) > 1:
         from mnist_cnn.evaluate import evaluate_ensemble, format_ensemble
 
         report = evaluate_ensemble(sources, **options)
         print(json.dumps(report) if args.json else format_ensemble(report))
         return exits.OK
-    report = evaluate_model(sources[0], **options)
+    report = evaluate_saved(sources[0], **options)
     if args.json:
         print(json.dumps(report))
     else:
@@ -241,7 +254,8 @@ def add_predict_parser(subparsers) -> None:
 def cmd_predict(args: argparse.Namespace) -> int:
     from mnist_cnn.predict import make_predictor, predict_files
 
-    predictor = make_predictor(chosen_models(args.model), backend=args.backend, device=args.device)
+    device = chosen_device(args.device) if args.backend == "torch" else "cpu"  # onnxruntime: no torch
+    predictor = make_predictor(chosen_models(args.model), backend=args.backend, device=device)
     results = predict_files(predictor, args.images, save_preprocessed=args.save_preprocessed,
                             min_confidence=args.min_confidence)
     for result in results:
@@ -269,7 +283,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from mnist_cnn.report import show
 
     path, count = show(chosen_model(args.model), misclassified=args.misclassified, count=args.count,
-                       output=args.output, device=args.device, data_dir=args.data_dir,
+                       output=args.output, device=chosen_device(args.device), data_dir=args.data_dir,
                        dataset=args.dataset)
     print(f"wrote {path} ({count} images)")
     return exits.OK
@@ -289,7 +303,7 @@ def add_run_parser(subparsers, name: str, *, help: str, description: str, handle
 def cmd_plot(args: argparse.Namespace) -> int:
     from mnist_cnn.report import plot_run
 
-    for path in plot_run(args.run_dir, device=args.device, data_dir=args.data_dir):
+    for path in plot_run(args.run_dir, device=chosen_device(args.device), data_dir=args.data_dir):
         print(f"wrote {path}")
     return exits.OK
 
@@ -297,7 +311,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from mnist_cnn.report import report_run
 
-    print(f"wrote {report_run(args.run_dir, output=args.output, device=args.device, data_dir=args.data_dir)}")
+    path = report_run(args.run_dir, output=args.output, device=chosen_device(args.device), data_dir=args.data_dir)
+    print(f"wrote {path}")
     return exits.OK
 
 
@@ -341,7 +356,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from mnist_cnn.explain import explain
 
     path, explanation = explain(chosen_model(args.model), image=args.image, test_index=args.test_index,
-                                output=args.output, device=args.device, data_dir=args.data_dir)
+                                output=args.output, device=chosen_device(args.device), data_dir=args.data_dir)
     print(f"predicted {explanation.predicted} "
           f"({100 * explanation.probabilities[explanation.predicted]:.2f}%); wrote {path}")
     return exits.OK

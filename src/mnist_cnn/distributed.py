@@ -241,13 +241,13 @@ def start(device: str = "auto") -> World:
     """This process's World: alone unless torchrun's variables are set; then the process
     group is formed (gloo, or NCCL on cuda:LOCAL_RANK) within the timeout, and torch uses
     this machine's cores divided among its local ranks (or $MNIST_CNN_THREADS)."""
+    target = resolve_device(device)  # the one place training turns --device into a device
     if not launched():
-        return World(device=resolve_device(device))
+        return World(device=target)
     rank, size = _env_int("RANK"), _env_int("WORLD_SIZE")
     local_rank, local_size = _env_int("LOCAL_RANK", 0), _env_int("LOCAL_WORLD_SIZE", 1)
     if not 0 <= rank < size:
         raise DistributedError(f"RANK={rank} is not in 0..WORLD_SIZE-1 ({size - 1})")
-    target = resolve_device(device)
     if target.type == "cuda":
         count = torch.cuda.device_count()
         if local_rank >= count:

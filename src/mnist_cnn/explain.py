@@ -191,15 +191,15 @@ def explanation_figure(explanation: Explanation, classes: tuple[str, ...], path:
 
 
 def explain(source: str | Path, *, image: str | Path | None = None, test_index: int | None = None,
-            output: str | Path | None = None, device: str = "auto", data_dir: str | None = None) -> tuple[Path, Explanation]:
-    """Explain one user image (preprocessed as for predict) or one test image by index."""
+            output: str | Path | None = None, device: torch.device | str = "cpu",
+            data_dir: str | None = None) -> tuple[Path, Explanation]:
+    """Explain one user image (preprocessed as for predict) or one test image by index, with
+    the model at `source` on `device` (resolved by the caller)."""
     from mnist_cnn import MnistCnnError
     from mnist_cnn.preprocess import preprocess_file
     from mnist_cnn.checkpoints import load_split_for, open_model
-    from mnist_cnn.runtime import resolve_device
 
-    target = resolve_device(device)
-    loaded = open_model(source, device=target)
+    loaded = open_model(source, device=device)
     if image is not None:
         digit, label = preprocess_file(image), Path(image).name
         default = Path(f"{Path(image).stem}-explain.png")

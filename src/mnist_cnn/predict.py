@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -18,6 +18,9 @@ from mnist_cnn.preprocess import ImageError, expand_paths, preprocess_file, to_i
 from mnist_cnn.checkpoints import read_model_info
 from mnist_cnn.runs import ONNX_FILE, CheckpointError, model_folder
 
+if TYPE_CHECKING:  # torch is imported where it is used: the onnxruntime path never does
+    import torch
+
 BACKENDS = ("torch", "onnxruntime")
 
 
@@ -27,12 +30,11 @@ class TorchPredictor:
 
     backend = "torch"
 
-    def __init__(self, source: str | Path, *, device: str = "auto"):
+    def __init__(self, source: str | Path, *, device: "torch.device | str" = "cpu"):
         from mnist_cnn.checkpoints import open_model
-        from mnist_cnn.runtime import resolve_device
 
-        self.device = resolve_device(device)
-        loaded = open_model(source, device=self.device)
+        self.device = device  # resolved by the caller (make_predictor, the CLI, the Python API)
+        loaded = open_model(source, device=device)
         self.model, self.config, self.path, self.info = loaded.model, loaded.config, loaded.path, loaded.info
         self.classes = loaded.classes
         self.temperature, self.min_confidence = _calibration(self.path, self.info)
@@ -165,8 +167,14 @@ def _description(predictor, *, parameters: int | None) -> dict[str, Any]:
 
 
 def make_predictor(source: str | Path | Sequence[str | Path], *, backend: str = "torch",
-                   device: str = "auto"):
-    """A predictor for one model, or an ensemble when given several."""
+                   device: "torch.device | str" = "cpu"):
+    """A predictor for one model, or an ensemble when given several, all on one device. The
+    CLI and the Python API pass a resolved torch.device; a name (serve's --device) is
+    resolved here, once for all members. onnxruntime ignores it (and never imports torch)."""
+    if backend == "torch" and isinstance(device, str):
+        from mnist_cnn.runtime import resolve_device
+
+        device = resolve_device(device)
     if not isinstance(source, (str, Path)):
         sources = list(source)
         if len(sources) != 1:

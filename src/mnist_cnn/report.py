@@ -55,20 +55,18 @@ def split_results(model: nn.Module, config: TrainConfig, test: Split) -> SplitRe
     )
 
 
-def load_split_results(source: str | Path, *, device: str = "auto", data_dir: str | None = None,
+def load_split_results(source: str | Path, *, device: torch.device | str = "cpu", data_dir: str | None = None,
                        dataset: str | None = None) -> tuple[SplitResults, checkpoints.LoadedModel]:
-    """A trained model and its results on the test split of its data set (or `dataset`)."""
-    from mnist_cnn.runtime import resolve_device
-
-    target = resolve_device(device)
-    loaded = checkpoints.open_model(source, device=target)
-    test = checkpoints.load_split_for(loaded, dataset=dataset, data_dir=data_dir, device=target)
+    """A trained model on `device` (resolved by the caller) and its results on the test split
+    of its data set (or `dataset`)."""
+    loaded = checkpoints.open_model(source, device=device)
+    test = checkpoints.load_split_for(loaded, dataset=dataset, data_dir=data_dir, device=device)
     config = TrainConfig.from_dict({**loaded.config.to_dict(), "dataset": loaded.data_source(dataset)[0]})
     return split_results(loaded.model, config, test), loaded
 
 
 def show(source: str | Path, *, misclassified: bool = False, count: int = 36,
-         output: str | Path | None = None, device: str = "auto", data_dir: str | None = None,
+         output: str | Path | None = None, device: torch.device | str = "cpu", data_dir: str | None = None,
          dataset: str | None = None) -> tuple[Path, int]:
     """Draw test digits with true and predicted labels; returns the file and the number drawn."""
     results, _ = load_split_results(source, device=device, data_dir=data_dir, dataset=dataset)
@@ -189,15 +187,16 @@ def require_run_dir(run_dir: str | Path) -> Path:
     return run_dir
 
 
-def plot_run(run_dir: str | Path, *, device: str = "auto", data_dir: str | None = None) -> list[Path]:
+def plot_run(run_dir: str | Path, *, device: torch.device | str = "cpu",
+             data_dir: str | None = None) -> list[Path]:
     """Redraw a run's three charts (learning curves, confusion matrix, per-class accuracy)
     into its folder."""
     run_dir = require_run_dir(run_dir)
     return write_plots(run_dir, load_split_results(run_dir, device=device, data_dir=data_dir)[0])
 
 
-def report_run(run_dir: str | Path, *, output: str | Path | None = None, device: str = "auto",
-               data_dir: str | None = None) -> Path:
+def report_run(run_dir: str | Path, *, output: str | Path | None = None,
+               device: torch.device | str = "cpu", data_dir: str | None = None) -> Path:
     """Everything a run leaves for people, (re)drawn from its model: what `mnist-cnn train`
     calls after training and `mnist-cnn report` on demand."""
     run_dir = require_run_dir(run_dir)

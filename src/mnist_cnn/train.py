@@ -31,7 +31,7 @@ from mnist_cnn.distributed import World
 from mnist_cnn.evaluate import evaluate, evaluation_from_logits, evaluation_report, split_logits
 from mnist_cnn.losses import batch_loss
 from mnist_cnn.model import count_parameters, to_device
-from mnist_cnn.runtime import environment, resolve_device
+from mnist_cnn.runtime import environment
 
 Log = Callable[[str], None]
 
@@ -48,6 +48,7 @@ class TrainResult:
     metrics: list[dict[str, Any]]  # one record per finished epoch
     completed: bool  # False when stopped by Ctrl-C / SIGTERM (a checkpoint was saved)
     main: bool = True  # False on the other ranks under torchrun: rank 0 alone reports
+    device: torch.device | None = None  # where it trained: the report after training uses it too
 
 
 @dataclass
@@ -185,7 +186,7 @@ def train_in_world(world: distributed.World, config: TrainConfig, *, run_dir: st
                    data_dir: str | None, progress: bool, log: Log) -> TrainResult:
     """train() within its process group (the run's state is gone when this returns)."""
     log = world.main_only(log)
-    run = build_run(config, device=str(world.device), data_dir=data_dir, log=log,
+    run = build_run(config, device=world.device, data_dir=data_dir, log=log,
                     run_dir=lambda: world.on_main(lambda: runs.create_run_dir(run_dir)))
     join_world(run, world)
 
@@ -218,7 +219,7 @@ def resume_in_world(world: distributed.World, run_dir: str | Path, *, data_dir: 
     log = world.main_only(log)
     opened = world.on_main(lambda: checkpoints.open_run(run_dir))  # only rank 0 reads the folder
     data_dir = data_dir or opened.data_dir
-    run = build_run(opened.config, device=str(world.device), data_dir=data_dir, log=log,
+    run = build_run(opened.config, device=world.device, data_dir=data_dir, log=log,
                     run_dir=lambda: opened.run_dir)
     join_world(run, world)
     if opened.checkpoint is None:
@@ -241,17 +242,16 @@ def resume_in_world(world: distributed.World, run_dir: str | Path, *, data_dir: 
     return result
 
 
-def build_run(config: TrainConfig, *, device: str, data_dir: str | None, log: Log,
+def build_run(config: TrainConfig, *, device: torch.device, data_dir: str | None, log: Log,
               run_dir: Callable[[], Path]) -> Run:
-    """Data, model and optimizer, freshly seeded; the run folder is created last, so a run
-    that cannot start (bad data, unknown model, no such device) leaves no folder behind."""
-    target = resolve_device(device)
-    if config.precision == "fp16" and target.type != "cuda":
+    """Data, model and optimizer on `device` (the World's), freshly seeded; the run folder is
+    created last, so a run that cannot start (bad data, unknown model) leaves no folder behind."""
+    if config.precision == "fp16" and device.type != "cuda":
         raise MnistCnnError("--precision fp16 needs a CUDA device; use bf16 or fp32")
-    if target.type == "cuda":  # same seed → same weights, on the GPU too
+    if device.type == "cuda":  # same seed → same weights, on the GPU too
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
-    data = load_dataset(config.dataset, data_dir, device=target, log=log)
+    data = load_dataset(config.dataset, data_dir, device=device, log=log)
     if config.val_size:  # the same images in every process and on resume: a function of the seed
         data["train"], data["val"] = hold_out(data["train"], config.val_size, seed=config.seed)
     choice = kernels.mode(config.kernels)
@@ -260,12 +260,12 @@ def build_run(config: TrainConfig, *, device: str, data_dir: str | None, log: Lo
         config = replace(config, kernels=choice)
     torch.manual_seed(config.seed)
     model = to_device(kernels.build_training_model(
-        config.model, num_classes=len(get_spec(config.dataset).classes), choice=config.kernels), target)
-    return Run(config=config, run_dir=run_dir(), device=target, data_dir=data_dir, data=data,
-               model=model, optimizer=make_optimizer(model, config, target),
+        config.model, num_classes=len(get_spec(config.dataset).classes), choice=config.kernels), device)
+    return Run(config=config, run_dir=run_dir(), device=device, data_dir=data_dir, data=data,
+               model=model, optimizer=make_optimizer(model, config, device),
                scaler=torch.amp.GradScaler("cuda", enabled=config.precision == "fp16"),
                steps=steps_per_epoch(len(data["train"]), config.batch_size),
-               loss_sum=torch.zeros((), device=target))
+               loss_sum=torch.zeros((), device=device))
 
 
 def restore(run: Run, state: dict[str, Any]) -> None:
@@ -333,15 +333,15 @@ def run_epochs(run: Run, *, progress: bool, log: Log) -> TrainResult:
                 save_checkpoint(run)
                 log(f"{stop.name}: saved a checkpoint at epoch {run.epoch + 1}, step "
                     f"{run.step}/{run.steps}; continue with: mnist-cnn train --resume {run.run_dir}")
-                return TrainResult(run.run_dir, run.metrics, completed=False)
+                return TrainResult(run.run_dir, run.metrics, completed=False, device=run.device)
             record = end_epoch(run, started)
             log(format_epoch(record, run.config.epochs))
             if run.world.any(stop.signal_name is not None) and run.epoch < run.config.epochs:
                 log(f"{stop.name}: saved a checkpoint after epoch {run.epoch}; "
                     f"continue with: mnist-cnn train --resume {run.run_dir}")
-                return TrainResult(run.run_dir, run.metrics, completed=False)
+                return TrainResult(run.run_dir, run.metrics, completed=False, device=run.device)
     run.world.on_main(lambda: save_final_model(run, log=log))
-    return TrainResult(run.run_dir, run.metrics, completed=True)
+    return TrainResult(run.run_dir, run.metrics, completed=True, device=run.device)
 
 
 def train_one_epoch(run: Run, stop: StopRequest, *, progress: bool) -> bool:
