@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 from mnist_cnn import MnistCnnError, __version__, config, exits
 from mnist_cnn.config import (
+    BACKENDS,
     DEVICES,
     FINITE,
     PRESETS,
@@ -244,7 +245,7 @@ def add_predict_parser(subparsers) -> None:
                    metavar="P", help="answer 'unsure' when the top probability is below P (default: the "
                    "model's own threshold, fitted on its validation split so that 99%% of correct answers "
                    "pass; 0.5 for models trained without --val-size; 0 turns it off)")
-    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+    p.add_argument("--backend", choices=BACKENDS, default="torch",
                    help="torch, or onnxruntime on the model.onnx made by mnist-cnn export "
                         "(no torch import at all) (default: torch)")
     add_where_flags(p, dataset=False, data_dir=False)

@@ -17,6 +17,7 @@ from mnist_cnn import MnistCnnError
 LOSSES = ("kl", "ce")
 SCHEDULES = ("constant", "onecycle")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+BACKENDS = ("torch", "onnxruntime")  # what runs a trained model for predict and serve
 PRECISIONS = ("fp32", "bf16", "fp16")
 KERNELS = ("auto", "torch", "custom")  # see mnist_cnn.kernels
 
