@@ -131,9 +131,13 @@ def preset_of(config: dict) -> str | None:
 
     if config.get("preset"):
         return config["preset"]
+    # Compared with the defaults filled in (runs older than a field lack it), and without
+    # `kernels`: how a run computed, not what it trained.
+    ignored = {"preset", "kernels"}
+    actual = {k: v for k, v in TrainConfig.from_dict(config).to_dict().items() if k not in ignored}
     for name, values in PRESETS.items():
         expected = TrainConfig.from_dict({**values, "seed": config["seed"]}).to_dict()
-        if {k: v for k, v in expected.items() if k != "preset"} == {k: v for k, v in config.items() if k != "preset"}:
+        if {k: v for k, v in expected.items() if k not in ignored} == actual:
             return name
     return None
 
