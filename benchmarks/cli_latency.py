@@ -20,7 +20,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from mnist_cnn.runs import PRETRAINED_DIR
+from mnist_cnn.checkpoints import PRETRAINED_DIR
 from mnist_cnn.runtime import cpu_model
 
 COMMANDS = ("train", "evaluate", "predict", "show", "plot", "report", "summary", "explain",

@@ -56,7 +56,7 @@ def user_image(digit: np.ndarray, path: Path) -> Path:
 def section_inference(args, device: torch.device, workdir: Path) -> tuple[str, dict]:
     run_dir = workdir / "inference-model"
     train(TrainConfig(epochs=1), run_dir=run_dir, device=str(device), progress=False, log=lambda m: None)
-    from mnist_cnn.runs import open_model
+    from mnist_cnn.checkpoints import open_model
 
     model = open_model(run_dir, device=device).model
     test = load_dataset("mnist", splits=("test",), device=device)["test"]

@@ -131,9 +131,13 @@ def preset_of(config: dict) -> str | None:
 
     if config.get("preset"):
         return config["preset"]
+    # Compared with the defaults filled in (runs older than a field lack it), and without
+    # `kernels`: how a run computed, not what it trained.
+    ignored = {"preset", "kernels"}
+    actual = {k: v for k, v in TrainConfig.from_dict(config).to_dict().items() if k not in ignored}
     for name, values in PRESETS.items():
         expected = TrainConfig.from_dict({**values, "seed": config["seed"]}).to_dict()
-        if {k: v for k, v in expected.items() if k != "preset"} == {k: v for k, v in config.items() if k != "preset"}:
+        if {k: v for k, v in expected.items() if k not in ignored} == actual:
             return name
     return None
 
@@ -142,7 +146,8 @@ def measure(run: Path, mnist_test) -> dict:
     from mnist_cnn.explain import multiply_adds
     from mnist_cnn.model import build_model
     from mnist_cnn.predict import TorchPredictor
-    from mnist_cnn.runs import open_model, read_metrics
+    from mnist_cnn.checkpoints import open_model
+    from mnist_cnn.runs import read_metrics
 
     info = json.loads((run / "model.json").read_text())
     timing = json.loads((run / "timing.json").read_text())

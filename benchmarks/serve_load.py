@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.model is None:
-        from mnist_cnn.runs import model_or_default
+        from mnist_cnn.checkpoints import model_or_default
 
         args.model = str(model_or_default(None))
     test = load_dataset("mnist", splits=("test",))["test"]

@@ -59,7 +59,8 @@ def assess(model_dir: Path) -> dict:
 
 
 def main(model_dir: Path | None = None) -> int:
-    from mnist_cnn.runs import MODEL_INFO_FILE, PRETRAINED_DIR
+    from mnist_cnn.checkpoints import PRETRAINED_DIR
+    from mnist_cnn.runs import MODEL_INFO_FILE
 
     model_dir = model_dir or PRETRAINED_DIR
     info_path = model_dir / MODEL_INFO_FILE

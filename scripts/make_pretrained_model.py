@@ -17,7 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mnist_cnn.runs import MODEL_FILE, MODEL_INFO_FILE, PRETRAINED_DIR
+from mnist_cnn.checkpoints import PRETRAINED_DIR
+from mnist_cnn.runs import MODEL_FILE, MODEL_INFO_FILE
 from mnist_cnn.train import train
 from mnist_cnn.config import resolve_train_config
 

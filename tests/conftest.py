@@ -21,7 +21,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from mnist_cnn.data import FILE_STEMS, IMAGE_MAGIC, LABEL_MAGIC, load_dataset
+from mnist_cnn.catalog import FILE_STEMS
+from mnist_cnn.data import load_dataset
+from mnist_cnn.idx import IMAGE_MAGIC, LABEL_MAGIC
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -180,7 +182,7 @@ def shipped_model() -> Path:
     weights on every machine, for tests that expect given answers on given digits (a model
     trained during the session differs between CPUs whose kernels round differently).
     It is the package's own folder: copy it before writing anything next to it."""
-    from mnist_cnn.runs import PRETRAINED_DIR
+    from mnist_cnn.checkpoints import PRETRAINED_DIR
 
     return PRETRAINED_DIR
 

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from conftest import MNIST_MODEL_RECIPE
-from mnist_cnn.evaluate import evaluate_model
-from mnist_cnn.runs import PRETRAINED_DIR
+from mnist_cnn import evaluate_model
+from mnist_cnn.checkpoints import PRETRAINED_DIR
 
 
 @pytest.mark.slow

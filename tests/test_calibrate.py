@@ -127,7 +127,7 @@ def test_training_with_validation_stores_calibration_and_predict_uses_it(tmp_pat
 
 
 def test_models_without_validation_use_the_documented_default():
-    from mnist_cnn.runs import PRETRAINED_DIR
+    from mnist_cnn.checkpoints import PRETRAINED_DIR
 
     predictor = TorchPredictor(PRETRAINED_DIR, device="cpu")  # trained without --val-size
     assert predictor.temperature == 1.0 and predictor.min_confidence == DEFAULT_MIN_CONFIDENCE

@@ -16,21 +16,10 @@ import pytest
 import torch
 
 from conftest import idx_bytes, write_dataset, write_idx
-from mnist_cnn import data
-from mnist_cnn.data import (
-    IMAGE_MAGIC,
-    LABEL_MAGIC,
-    DataError,
-    download_dataset,
-    epoch_permutation,
-    get_spec,
-    load_dataset,
-    load_idx,
-    parse_images,
-    parse_labels,
-    steps_per_epoch,
-    train_batches,
-)
+from mnist_cnn import catalog, data, idx
+from mnist_cnn.catalog import download_dataset, get_spec
+from mnist_cnn.data import epoch_permutation, load_dataset, steps_per_epoch, train_batches
+from mnist_cnn.idx import IMAGE_MAGIC, LABEL_MAGIC, DataError, load_idx, parse_images, parse_labels
 
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
@@ -45,7 +34,7 @@ def test_shipped_mnist_loads_verified_with_known_label_counts():
     assert torch.bincount(test.labels).tolist() == MNIST_TEST_COUNTS
     # Known content: the first training digit is a 5, the first test digit a 7.
     assert int(train.labels[0]) == 5 and int(test.labels[0]) == 7
-    raw = gzip.decompress((data.SHIPPED_DIR / "mnist/train-images-idx3-ubyte.gz").read_bytes())
+    raw = gzip.decompress((catalog.SHIPPED_DIR / "mnist/train-images-idx3-ubyte.gz").read_bytes())
     assert hashlib.md5(raw).hexdigest() == "6bbc9ace898e44ae57da46a324031adb"
 
 
@@ -54,7 +43,7 @@ def test_idx_round_trip_raw_and_gzip(tmp_path, compress):
     images = np.random.default_rng(0).integers(0, 256, (7, 28, 28), dtype=np.uint8)
     path = write_idx(tmp_path / "imgs", images, IMAGE_MAGIC, compress=compress)
     assert np.array_equal(load_idx(path), images)
-    assert np.array_equal(parse_images(data.read_bytes(path), source=str(path)), images)
+    assert np.array_equal(parse_images(idx.read_bytes(path), source=str(path)), images)
 
 
 def test_images_and_labels_are_checked_for_their_magic_number(tmp_path):
@@ -65,7 +54,7 @@ def test_images_and_labels_are_checked_for_their_magic_number(tmp_path):
     with pytest.raises(DataError, match=r"images.idx: magic number 2051, expected 2049"):
         parse_labels(images, source="images.idx")
     with pytest.raises(DataError, match="not an IDX file"):
-        data.parse_idx(b"\x89PNG\r\n\x1a\n" + bytes(100), source="x.png")
+        idx.parse_idx(b"\x89PNG\r\n\x1a\n" + bytes(100), source="x.png")
 
 
 def test_wrong_image_size_truncation_and_bad_labels_are_refused():
@@ -77,7 +66,7 @@ def test_wrong_image_size_truncation_and_bad_labels_are_refused():
     with pytest.raises(DataError, match=r"l: label 12 found, expected 0..9"):
         parse_labels(idx_bytes(np.array([1, 12], np.uint8), LABEL_MAGIC), source="l")
     with pytest.raises(DataError, match="too short"):
-        data.parse_idx(b"\x00\x00", source="s")
+        idx.parse_idx(b"\x00\x00", source="s")
 
 
 def test_corrupt_gzip_and_missing_files_name_the_file(tmp_path):
@@ -99,7 +88,7 @@ def test_count_mismatch_between_images_and_labels(tmp_path, mnist):
 
 
 def test_tampered_mnist_fails_its_sha256(tmp_path):
-    for path in (data.SHIPPED_DIR / "mnist").glob("*.gz"):
+    for path in (catalog.SHIPPED_DIR / "mnist").glob("*.gz"):
         shutil.copy(path, tmp_path / path.name)
     raw = bytearray(gzip.decompress((tmp_path / "t10k-labels-idx1-ubyte.gz").read_bytes()))
     raw[100] = (raw[100] + 1) % 10  # one wrong label, still a valid IDX file
@@ -146,10 +135,10 @@ def test_locate_errors_for_a_wrong_data_dir(tmp_path, monkeypatch):
 def test_locate_prefers_the_shipped_copy_then_the_cache(tmp_path, monkeypatch):
     monkeypatch.delenv("MNIST_CNN_DATA", raising=False)
     monkeypatch.setenv("MNIST_CNN_CACHE", str(tmp_path / "cache"))
-    paths = data.locate(get_spec("mnist"), download=False)
-    assert all(p.parent == data.SHIPPED_DIR / "mnist" for p in paths.values())
+    paths = catalog.locate(get_spec("mnist"), download=False)
+    assert all(p.parent == catalog.SHIPPED_DIR / "mnist" for p in paths.values())
     with pytest.raises(DataError, match="not found locally and downloading is off"):
-        data.locate(get_spec("fashion-mnist"), download=False)
+        catalog.locate(get_spec("fashion-mnist"), download=False)
 
 
 # ---------------------------------------------------------------- download against 127.0.0.1
@@ -161,7 +150,7 @@ def mirror_server(tmp_path):
     root = tmp_path / "www"
     (root / "good").mkdir(parents=True)
     (root / "corrupt").mkdir()
-    for path in (data.SHIPPED_DIR / "mnist").glob("*.gz"):
+    for path in (catalog.SHIPPED_DIR / "mnist").glob("*.gz"):
         shutil.copy(path, root / "good" / path.name)
         (root / "corrupt" / path.name).write_bytes(path.read_bytes()[:-100] + bytes(100))
     handler = partial(_QuietHandler, directory=str(root))
@@ -181,7 +170,7 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 def _local_spec():
     """MNIST as it is served by our local mirror: the shipped .gz files' own MD5s."""
     spec = get_spec("mnist")
-    md5 = {stem: hashlib.md5((data.SHIPPED_DIR / "mnist" / f"{stem}.gz").read_bytes()).hexdigest()
+    md5 = {stem: hashlib.md5((catalog.SHIPPED_DIR / "mnist" / f"{stem}.gz").read_bytes()).hexdigest()
            for stem in spec.gz_md5}
     return replace(spec, gz_md5=md5, shipped=False)
 
@@ -194,7 +183,7 @@ def test_download_skips_missing_and_corrupt_mirrors(tmp_path, mirror_server):
     assert sorted(p.name for p in target.iterdir()) == sorted(
         f"{stem}.gz" for stem in get_spec("mnist").gz_md5)
     assert any("404" in m for m in messages) and any("bad checksum" in m for m in messages)
-    split = data.load_split(data.find_files_in(target, get_spec("mnist")), "test", get_spec("mnist"))
+    split = data.load_split(catalog.find_files_in(target, get_spec("mnist")), "test", get_spec("mnist"))
     assert torch.bincount(split.labels).tolist() == MNIST_TEST_COUNTS
 
 
@@ -210,11 +199,11 @@ def test_the_shipped_copy_matches_the_published_sha256_and_every_file_has_checks
     import hashlib
 
     spec = get_spec("mnist")
-    for stem, path in data.find_files_in(data.SHIPPED_DIR / "mnist", spec).items():
-        assert hashlib.sha256(data.read_bytes(path)).hexdigest() == spec.sha256[stem], stem
+    for stem, path in catalog.find_files_in(catalog.SHIPPED_DIR / "mnist", spec).items():
+        assert hashlib.sha256(idx.read_bytes(path)).hexdigest() == spec.sha256[stem], stem
     for name in ("mnist", "fashion-mnist"):
         published = get_spec(name)
-        stems = {stem for pair in data.FILE_STEMS.values() for stem in pair}
+        stems = {stem for pair in catalog.FILE_STEMS.values() for stem in pair}
         assert set(published.gz_md5) == set(published.sha256) == stems and published.mirrors
 
 

@@ -17,15 +17,14 @@ import pytest
 import torch
 
 from conftest import cli, idx_bytes, write_dataset
-from mnist_cnn import data
-from mnist_cnn.data import (
+from mnist_cnn import catalog
+from mnist_cnn.catalog import download_dataset, get_spec
+from mnist_cnn.data import load_dataset
+from mnist_cnn.idx import (
     IMAGE_MAGIC,
     INT_LABEL_MAGIC,
     LABEL_MAGIC,
     DataError,
-    download_dataset,
-    get_spec,
-    load_dataset,
     load_idx,
     parse_idx,
     parse_labels,
@@ -98,7 +97,7 @@ def sums_of(monkeypatch):
         gz_md5 = {stem: hashlib.md5(gzip.compress(raw, mtime=0)).hexdigest()
                   for stem, raw in files.items()}
         sha256 = {stem: hashlib.sha256(raw).hexdigest() for stem, raw in files.items()}
-        monkeypatch.setitem(data.DATASETS, name, replace(get_spec(name), gz_md5=gz_md5, sha256=sha256))
+        monkeypatch.setitem(catalog.DATASETS, name, replace(get_spec(name), gz_md5=gz_md5, sha256=sha256))
     return patch
 
 
@@ -165,7 +164,7 @@ def test_class_names_sources_and_file_names():
     kmnist, qmnist = get_spec("kmnist"), get_spec("qmnist")
     assert kmnist.classes == KMNIST_CLASSES and kmnist.title == "Kuzushiji-MNIST"
     assert "CC BY-SA 4.0" in kmnist.source and "BSD" in qmnist.source
-    assert kmnist.files == data.FILE_STEMS and kmnist.label_column is None
+    assert kmnist.files == catalog.FILE_STEMS and kmnist.label_column is None
     assert qmnist.classes == tuple("0123456789") == get_spec("mnist").classes
     assert qmnist.files["test"] == ("qmnist-test-images-idx3-ubyte", "qmnist-test-labels-idx2-int")
     assert qmnist.label_column == 0 and qmnist.counts == {"train": 60000, "test": 60000}

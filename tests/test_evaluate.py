@@ -13,7 +13,7 @@ from conftest import assert_one_line_error, cli
 from mnist_cnn.config import TrainConfig
 from mnist_cnn.data import load_dataset, scale
 from mnist_cnn.evaluate import evaluate, evaluation_report, format_report
-from mnist_cnn.runs import open_model
+from mnist_cnn.checkpoints import open_model
 from mnist_cnn.train import train
 
 

@@ -50,6 +50,22 @@ def test_onnx_runtime_matches_torch_on_1000_test_images(exported, mnist):
         assert onnx_predictor.run(x).shape == (batch, 10)
 
 
+def test_every_backend_and_the_ensemble_meet_the_predictor_contract(exported, mnist):
+    from mnist_cnn.config import BACKENDS
+    from mnist_cnn.predict import EnsemblePredictor, Predictor, make_predictor
+
+    digits = mnist["test"][0][:5]
+    predictors = [make_predictor(exported, backend=backend) for backend in BACKENDS]
+    predictors.append(EnsemblePredictor(predictors))
+    assert [p.backend for p in predictors] == [*BACKENDS, "torch"]
+    for predictor in predictors:
+        assert isinstance(predictor, Predictor), type(predictor).__name__
+        probabilities = predictor.probabilities(digits)
+        assert probabilities.shape == (5, 10) and np.allclose(probabilities.sum(1), 1, atol=1e-4)
+        assert predictor.describe()["classes"] == list(predictor.classes)
+    assert not isinstance(object(), Predictor)
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 def test_torchscript_export_matches(shipped_model, mnist, tmp_path):
     path = export_model(shipped_model, format="torchscript", output=tmp_path / "m.pt")

@@ -22,7 +22,7 @@ from PIL import Image
 
 from conftest import write_dataset
 from mnist_cnn import MnistCnnError, fileio
-from mnist_cnn.data import DataError, read_bytes
+from mnist_cnn.idx import DataError, read_bytes
 from mnist_cnn.fileio import atomic_write, atomic_write_bytes, read_file, read_stream, require_regular_file
 from mnist_cnn.preprocess import ImageError, open_image, preprocess, preprocess_file
 

@@ -16,8 +16,17 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image
 
-from mnist_cnn.data import (IMAGE_MAGIC, IMAGE_SIZE, INT_LABEL_MAGIC, LABEL_MAGIC, DataError,
-                            parse_idx, parse_images, parse_labels, read_bytes)
+from mnist_cnn.idx import (
+    IMAGE_MAGIC,
+    IMAGE_SIZE,
+    INT_LABEL_MAGIC,
+    LABEL_MAGIC,
+    DataError,
+    parse_idx,
+    parse_images,
+    parse_labels,
+    read_bytes,
+)
 from mnist_cnn.preprocess import ImageError, preprocess, preprocess_file
 
 # Failures found so far are pinned below with @example. (.hypothesis/ ignores itself in git.)

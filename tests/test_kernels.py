@@ -1,16 +1,21 @@
 """The custom training kernels against torch's reference ops: values, gradients, determinism,
-the MNIST_CNN_KERNELS switch, and the fallback when they cannot be built."""
+the run's `kernels` setting (recorded, with MNIST_CNN_KERNELS as an override), and the
+fallback when they cannot be built."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mnist_cnn import kernels
+from mnist_cnn.config import TrainConfig
 from mnist_cnn.data import load_dataset, scale
 from mnist_cnn.losses import kl_loss
-from mnist_cnn.model import build_model, to_device
+from mnist_cnn.model import SeedCNN, build_model, to_device
+from mnist_cnn.train import train
 
 needs_library = pytest.mark.skipif(kernels.load_library() is None,
                                    reason=f"custom kernels unavailable: {kernels.failure()}")
@@ -121,21 +126,25 @@ def test_deterministic():
             assert torch.equal(a, b)
 
 
-def seed_step(images, labels, monkeypatch, choice: str):
-    monkeypatch.setenv(kernels.ENV, choice)
+def training_model(choice: str):
+    return to_device(kernels.build_training_model("seed", num_classes=10, choice=choice), "cpu").train()
+
+
+def seed_step(images, labels, choice: str):
     torch.manual_seed(0)
-    model = to_device(build_model("seed"), "cpu").train()
+    model = training_model(choice)
     logits = model(images)
     kl_loss(logits, labels).backward()
     return logits, model
 
 
 @needs_library
-def test_seed_model_training_step_matches(monkeypatch):
+def test_seed_model_training_step_matches():
     images = mnist_batch(37)
     labels = torch.arange(37) % 10
-    logits, ours = seed_step(images, labels, monkeypatch, "custom")
-    ref_logits, reference = seed_step(images, labels, monkeypatch, "torch")
+    logits, ours = seed_step(images, labels, "custom")
+    ref_logits, reference = seed_step(images, labels, "torch")
+    assert isinstance(ours, kernels.KernelSeedCNN) and type(reference) is SeedCNN
     assert logits.grad_fn is not None
     # same dropout mask; conv1's fused convolution sums in another order
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5 * ref_logits.abs().max().item())
@@ -156,14 +165,15 @@ def block_backends(model, images):
 
 
 @needs_library
-def test_switch_and_evaluation_use_torch_ops(monkeypatch):
+def test_setting_chooses_and_evaluation_uses_torch_ops(monkeypatch):
     images = mnist_batch(4)
-    model = to_device(build_model("seed"), "cpu").train()
-    monkeypatch.setenv(kernels.ENV, "custom")
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    assert block_backends(training_model("torch"), images) == "ReluBackward0"
+    model = training_model("custom")
     assert block_backends(model, images) == "ConvPoolReLUBackward"
-    monkeypatch.setenv(kernels.ENV, "torch")
-    assert block_backends(model, images) == "ReluBackward0"
-    monkeypatch.setenv(kernels.ENV, "custom")
+    assert kernels.kernel_blocks(model) == ["conv1", "conv2"]
+    monkeypatch.setenv(kernels.ENV, "custom")  # mnist_cnn.model is plain torch: no switch there
+    assert block_backends(to_device(build_model("seed"), "cpu").train(), images) == "ReluBackward0"
     model.eval()  # evaluation and export run the plain ops, in any mode
     assert block_backends(model, images) == "ReluBackward0"
     with torch.inference_mode():
@@ -171,12 +181,36 @@ def test_switch_and_evaluation_use_torch_ops(monkeypatch):
     model.train()
     with torch.no_grad():
         assert block_backends(model, images) is None
+    bn = kernels.build_training_model("bn", num_classes=10, choice="custom")
+    assert type(bn).__name__ == "BNCNN" and kernels.kernel_blocks(bn) == []
 
 
-def test_bad_switch_value_is_one_line_error(monkeypatch):
+def test_environment_overrides_the_setting_and_a_bad_value_is_one_line_error(monkeypatch):
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    assert kernels.mode("custom") == "custom"
+    monkeypatch.setenv(kernels.ENV, "torch")
+    assert kernels.mode("custom") == "torch"
     monkeypatch.setenv(kernels.ENV, "fast")
     with pytest.raises(kernels.KernelError, match="MNIST_CNN_KERNELS='fast' is not one of: auto, torch, custom"):
-        kernels.wanted("conv1")
+        kernels.mode("auto")
+
+
+def test_a_run_records_its_kernels_and_the_override(tmp_path, small_data, monkeypatch):
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    config = TrainConfig(dataset="custom", epochs=1, kernels="torch")
+    quiet = {"data_dir": str(small_data), "progress": False, "log": lambda message: None}
+    run = train(config, run_dir=tmp_path / "torch", **quiet).run_dir
+    recorded = json.loads((run / "config.json").read_text())
+    assert recorded["config"]["kernels"] == "torch" and recorded["kernel_blocks"] == []
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["config"]["kernels"] == "torch"
+    assert json.loads((run / "model.json").read_text())["config"]["kernels"] == "torch"
+    monkeypatch.setenv(kernels.ENV, "custom")  # the override is what ran, so it is what is recorded
+    lines: list[str] = []
+    run = train(config, run_dir=tmp_path / "custom", **{**quiet, "log": lines.append}).run_dir
+    recorded = json.loads((run / "config.json").read_text())
+    assert recorded["config"]["kernels"] == "custom"
+    assert recorded["kernel_blocks"] == (["conv1", "conv2"] if kernels.load_library() else [])
+    assert "MNIST_CNN_KERNELS=custom overrides the run's kernels setting (torch)" in lines
 
 
 def test_failed_build_falls_back_to_torch(monkeypatch, tmp_path):
@@ -228,12 +262,13 @@ TRAIN_STEPS = """
 import torch
 from mnist_cnn import kernels
 from mnist_cnn.losses import kl_loss
-from mnist_cnn.model import build_model, to_device
+from mnist_cnn.model import to_device
 
 torch.set_num_threads(2)
 assert kernels.load_library() is not None, kernels.failure()
 torch.manual_seed(0)
-model = to_device(build_model("seed"), "cpu").train()
+model = to_device(kernels.build_training_model("seed", num_classes=10, choice=kernels.mode()), "cpu").train()
+assert kernels.kernel_blocks(model) == ["conv1", "conv2"]
 optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 x, y = torch.rand(16, 1, 28, 28), torch.arange(16) % 10
 for _ in range(3):
@@ -271,17 +306,16 @@ def test_concurrent_trainings_finish_and_agree(tmp_path):
 
 
 @needs_library
-def test_concurrent_threads_in_one_process(monkeypatch):
+def test_concurrent_threads_in_one_process():
     import threading
 
-    monkeypatch.setenv(kernels.ENV, "custom")
     images = mnist_batch(32)
     labels = torch.arange(32) % 10
     losses: dict[int, list[float]] = {}
     models = []
     for _ in range(2):  # built here: the threads share torch's random generator
         torch.manual_seed(0)
-        models.append(to_device(build_model("seed"), "cpu").train())
+        models.append(training_model("custom"))
         models[-1].drop1.p = 0.0
 
     def train(worker: int) -> None:

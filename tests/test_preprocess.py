@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from conftest import on_paper
-from mnist_cnn.runs import open_model
+from mnist_cnn.checkpoints import open_model
 from mnist_cnn.data import scale
 from mnist_cnn.preprocess import ImageError, center_of_mass, open_image, preprocess, preprocess_file
 

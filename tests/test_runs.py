@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from conftest import assert_one_line_error, cli, on_paper, REPO
-from mnist_cnn import runs
+from mnist_cnn import checkpoints, runs
 from mnist_cnn.data import load_dataset
 
 
@@ -80,7 +80,7 @@ def test_a_tutorial_state_dict_evaluates_predicts_and_explains(mnist_model, tuto
     on_paper(mnist["test"][0][0]).save(image)
     predicted = cli("predict", "--model", str(path), str(image), "--json")
     assert predicted.returncode == 0 and json.loads(predicted.stdout)["label"] == 7
-    loaded = runs.open_model(path)
+    loaded = checkpoints.open_model(path)
     assert loaded.config.model == "seed" and loaded.classes == tuple("0123456789")
 
 
@@ -97,7 +97,7 @@ def test_state_dicts_that_do_not_fit_are_one_line_errors(tutorial_weights, tmp_p
     assert_one_line_error(cli("evaluate", str(tmp_path / "other.pt")), "neither an mnist-cnn checkpoint nor")
     parallel = {f"module.{k}": v for k, v in state.items()}  # saved from nn.DataParallel
     torch.save(parallel, tmp_path / "parallel.pt")
-    assert runs.open_model(tmp_path / "parallel.pt").config.model == "seed"
+    assert checkpoints.open_model(tmp_path / "parallel.pt").config.model == "seed"
 
 
 def test_each_run_folder_file_name_is_spelled_once_in_the_package():
@@ -108,7 +108,7 @@ def test_each_run_folder_file_name_is_spelled_once_in_the_package():
 
 def _finished_run(folder, mtime: float):
     folder.mkdir(parents=True)
-    shutil.copyfile(runs.PRETRAINED_DIR / runs.MODEL_FILE, folder / runs.MODEL_FILE)
+    shutil.copyfile(checkpoints.PRETRAINED_DIR / runs.MODEL_FILE, folder / runs.MODEL_FILE)
     os.utime(folder / runs.MODEL_FILE, (mtime, mtime))
 
 
@@ -125,7 +125,7 @@ def test_commands_default_to_the_newest_finished_run_else_the_shipped_model(tmp_
     assert runs.newest_run(tmp_path / "runs") == tmp_path / "runs" / "new"
     chosen = cli("predict", str(image), cwd=tmp_path)
     assert chosen.returncode == 0 and "using the newest finished run: runs/new" in chosen.stderr
-    info = json.loads((runs.PRETRAINED_DIR / runs.MODEL_INFO_FILE).read_text())
+    info = json.loads((checkpoints.PRETRAINED_DIR / runs.MODEL_INFO_FILE).read_text())
     assert info["config"]["preset"] == "fast" and info["command"].startswith("mnist-cnn train --preset fast")
     assert info["metrics"]["test_accuracy"] >= 0.99
 
@@ -142,3 +142,31 @@ def test_the_python_api_returns_plain_objects(mnist_model, mnist):
     assert report["correct"] == json.loads((mnist_model / "model.json").read_text())["metrics"]["test_correct"]
     with pytest.raises(MnistCnnError, match="no such file or folder"):
         load_model("/no/such/run")
+
+
+def test_a_command_resolves_its_device_and_its_default_model_once(tmp_path, monkeypatch, mnist, capsys):
+    # Where a command starts (its CLI handler, or a Python API function) --device and the
+    # default model are resolved, once; the functions below receive the objects. Two members
+    # of an ensemble share the one device.
+    from mnist_cnn import api, runtime
+    from mnist_cnn.cli import main
+
+    devices, models = [], []
+    resolve, choose = runtime.resolve_device, checkpoints.model_or_default
+    monkeypatch.setattr(runtime, "resolve_device", lambda name: devices.append(name) or resolve(name))
+    monkeypatch.setattr(checkpoints, "model_or_default",
+                        lambda value, **kw: models.append(value) or choose(value, **kw))
+    monkeypatch.setattr(api, "model_or_default", checkpoints.model_or_default)
+    monkeypatch.chdir(tmp_path)  # no ./runs here: the shipped model is the default
+    image = tmp_path / "digit.png"
+    on_paper(mnist["test"][0][0]).save(image)
+    shipped = str(checkpoints.PRETRAINED_DIR)
+    assert main(["predict", str(image), "--model", shipped, "--model", shipped, "--device", "cpu"]) == 0
+    assert devices == ["cpu"] and models == [shipped, shipped]
+    devices.clear(), models.clear()
+    assert main(["predict", str(image), "--device", "cpu"]) == 0
+    assert devices == ["cpu"] and models == [None]
+    assert f"digit.png: {mnist['test'][1][0]} (" in capsys.readouterr().out
+    devices.clear(), models.clear()
+    assert api.predict_images(mnist["test"][0][:2], device="cpu").shape == (2, 10)
+    assert devices == ["cpu"] and models == [None]

@@ -117,6 +117,24 @@ def test_predict_multipart_matches_the_cli_path(client, models, digits):
     assert correct >= 22, f"{correct}/24 user-style digits read correctly"
 
 
+def test_the_api_answers_with_the_record_predict_json_prints(client, model_dirs, digits, tmp_path):
+    # One prediction record, built in one place: the server's answer is `predict --json`'s
+    # line without the path, with the model's name.
+    image = tmp_path / "digit.png"
+    image.write_bytes(user_png(digits[0][3]))
+    printed = cli("predict", str(image), "--json", "--model", str(model_dirs[0]), "--device", "cpu")
+    assert printed.returncode == 0, printed.stderr
+    line = json.loads(printed.stdout)
+    body = client.post("/api/predict", files={"file": ("digit.png", image.read_bytes(), "image/png")}).json()
+    assert line.pop("path") == str(image) and body.pop("model") == "digits"
+    assert list(body) == list(line)  # the same keys, in the same order
+    # The same numbers up to float rounding (the server may run on fewer torch threads).
+    np.testing.assert_allclose(body["probabilities"], line["probabilities"], rtol=1e-5, atol=1e-7)
+    assert (body["label"], body["name"], body["unsure"], body["min_confidence"]) == \
+        (line["label"], line["name"], line["unsure"], line["min_confidence"])
+    assert [t["label"] for t in body["top"]] == [t["label"] for t in line["top"]]
+
+
 def test_raw_body_jpeg_and_preprocessed_image(client, digits):
     digit = digits[0][0]
     multipart = client.post("/api/predict", files={"file": ("d.png", user_png(digit), "image/png")}).json()

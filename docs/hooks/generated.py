@@ -33,7 +33,8 @@ MARKER = re.compile(r"^<!-- generated: ([\w-]+)(?: (\S+))? -->$", re.MULTILINE)
 # every other module of the package, found on disk. A name here that no longer exists (a module
 # renamed or split) is skipped, and the module under its new name is still found and listed.
 API_FIRST = ["mnist_cnn", "mnist_cnn.api", "mnist_cnn.config", "mnist_cnn.train", "mnist_cnn.evaluate",
-             "mnist_cnn.predict", "mnist_cnn.preprocess", "mnist_cnn.export"]
+             "mnist_cnn.predict", "mnist_cnn.preprocess", "mnist_cnn.export", "mnist_cnn.data",
+             "mnist_cnn.idx", "mnist_cnn.catalog", "mnist_cnn.runs", "mnist_cnn.checkpoints", "mnist_cnn.exits"]
 
 
 # ---------------------------------------------------------------- the CLI reference

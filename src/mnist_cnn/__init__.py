@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 class MnistCnnError(Exception):
     """A problem the user can fix (bad path, corrupt file, invalid value).
 
-    The CLI prints its message as one line on stderr and exits with status 2,
+    The CLI prints its message as one line on stderr and exits with status 2 (exits.USAGE),
     so the message must say what is wrong and, where possible, what to do.
     """
 
@@ -26,7 +26,7 @@ _API = {  # public name: (module, name there)
     "TrainConfig": ("mnist_cnn.config", "TrainConfig"),
     "train_model": ("mnist_cnn.train", "train"),
     "resume_training": ("mnist_cnn.train", "resume"),
-    "evaluate_model": ("mnist_cnn.evaluate", "evaluate_model"),
+    "evaluate_model": ("mnist_cnn.api", "evaluate_model"),
     "load_model": ("mnist_cnn.api", "load_model"),
     "predict_images": ("mnist_cnn.api", "predict_images"),
 }

@@ -3,8 +3,10 @@ plain objects (metric records, probability arrays) and raise `MnistCnnError`.
 
     from mnist_cnn import TrainConfig, train_model, evaluate_model, load_model, predict_images
 
-(train_model is mnist_cnn.train.train, evaluate_model mnist_cnn.evaluate.evaluate_model;
-the two below live here.)
+Like the CLI's handlers, these are where a call starts: they turn a device name into a
+device and a missing model into the default one (the newest finished run under ./runs,
+else the shipped model), once, and pass objects down. (train_model is mnist_cnn.train.train,
+which resolves its device where its process group forms; the others live here.)
 """
 
 from __future__ import annotations
@@ -14,17 +16,34 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from mnist_cnn.data import IMAGE_SIZE
-from mnist_cnn.runs import LoadedModel, model_or_default, open_model
+from mnist_cnn.idx import IMAGE_SIZE
+from mnist_cnn.checkpoints import LoadedModel, model_or_default, open_model
+
+
+def _device(name: str):
+    """--device's meaning (auto: cuda, mps, then cpu), resolved once per call."""
+    from mnist_cnn.runtime import resolve_device
+
+    return resolve_device(name)
 
 
 def load_model(source: str | Path | None = None, *, device: str = "cpu") -> LoadedModel:
     """A trained model in eval mode with its config, class names and data folder. `source`
     is a run folder, model.safetensors, checkpoint.pt or a tutorial state_dict file; by
     default the newest finished run under ./runs, else the model shipped with mnist-cnn."""
-    from mnist_cnn.runtime import resolve_device
+    return open_model(model_or_default(source), device=_device(device))
 
-    return open_model(model_or_default(source), device=resolve_device(device))
+
+def evaluate_model(source: str | Path | None = None, *, data_dir: str | None = None,
+                   dataset: str | None = None, split: str = "test", device: str = "auto",
+                   batch_size: int = 1000) -> dict[str, Any]:
+    """Evaluate a trained model (as load_model finds it) on a split of its data set (or
+    `dataset`): the document `mnist-cnn evaluate --json` prints, accuracy exactly
+    correct / total."""
+    from mnist_cnn.evaluate import evaluate_saved
+
+    return evaluate_saved(model_or_default(source), device=_device(device), data_dir=data_dir,
+                          dataset=dataset, split=split, batch_size=batch_size)
 
 
 def _digit(image: Any) -> np.ndarray:
@@ -55,5 +74,6 @@ def predict_images(images: Iterable[Any] | np.ndarray, *, model: str | Path | No
         digits = images
     else:
         digits = np.stack([_digit(image) for image in images]) if images is not None else None
+    device = _device(device) if backend == "torch" else "cpu"  # onnxruntime: no torch import
     predictor = make_predictor(model_or_default(model), backend=backend, device=device)
     return predictor.probabilities(digits)

@@ -97,6 +97,7 @@ def temper(probabilities: np.ndarray, temperature: float) -> np.ndarray:
 
 
 def softmax(logits: "torch.Tensor", temperature: float = 1.0) -> np.ndarray:
+    """Probabilities (float64 numpy) of `logits` divided by `temperature`."""
     import torch
 
     return torch.softmax(logits.double() / temperature, dim=1).cpu().numpy()
@@ -128,6 +129,7 @@ def calibrate(val_logits: "torch.Tensor", val_labels: "torch.Tensor", test_logit
 
 
 def format_calibration(calibration: dict[str, Any]) -> str:
+    """The calibration as the line training prints."""
     return (f"calibration: temperature {calibration['temperature']:.3f} (fitted on "
             f"{calibration['validation_images']} validation images); test ECE "
             f"{100 * calibration['test_ece_before']:.2f}% -> {100 * calibration['test_ece_after']:.2f}%; "
@@ -155,10 +157,13 @@ def read_calibration(model_path: str | Path, info: dict[str, Any] | None = None)
 
 
 def model_temperature(calibration: dict[str, Any]) -> float:
+    """The stored temperature, or 1 (no change) when missing or not a positive number."""
     value = calibration.get("temperature", 1.0)
     return float(value) if isinstance(value, (int, float)) and 0 < value < float("inf") else 1.0
 
 
 def model_min_confidence(calibration: dict[str, Any]) -> float:
+    """The stored "unsure" threshold, or DEFAULT_MIN_CONFIDENCE when missing or not in [0,
+    1]."""
     value = calibration.get("min_confidence", DEFAULT_MIN_CONFIDENCE)
     return float(value) if isinstance(value, (int, float)) and 0 <= value <= 1 else DEFAULT_MIN_CONFIDENCE

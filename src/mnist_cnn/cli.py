@@ -1,7 +1,8 @@
 """The `mnist-cnn` command: thin argparse front ends over the library's functions.
 
 Heavy imports (torch) happen inside the handlers so that `mnist-cnn --help` answers at once.
-Errors a user can fix print one line on stderr and exit with status 2.
+Errors a user can fix print one line on stderr and exit with status 2 (the statuses are
+defined in mnist_cnn.exits).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import sys
 from dataclasses import MISSING
 from typing import Any, Callable, Sequence
 
-from mnist_cnn import MnistCnnError, __version__, config
+from mnist_cnn import MnistCnnError, __version__, config, exits
 from mnist_cnn.config import (
+    BACKENDS,
     DEVICES,
     FINITE,
     PRESETS,
@@ -22,7 +24,6 @@ from mnist_cnn.config import (
     recipe_fields,
 )
 
-EXIT_USAGE = 2
 MODEL_HELP = ("a run folder, model.safetensors, checkpoint.pt, or a state_dict saved from the "
               "tutorial's CNN_MNIST (default: the newest finished run under ./runs, else the "
               "model shipped with mnist-cnn)")
@@ -32,7 +33,7 @@ class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (what is wrong, where to read more)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(exits.USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def value_parser(kind: Callable[[str], Any], check: Check | None) -> Callable[[str], Any]:
@@ -86,13 +87,26 @@ def add_model_flag(p, *, several: bool = False) -> None:
                    help=MODEL_HELP + ("; give several to use them as an ensemble" if several else ""))
 
 
+# Where a command starts, its handler turns --device and --model into a device and a model
+# path, once (these two helpers), and passes them down; nothing below re-resolves them.
+
+
+def chosen_device(name: str):
+    """--device as a torch.device (auto: cuda, mps, then cpu); an unavailable one is an error."""
+    from mnist_cnn.runtime import resolve_device
+
+    return resolve_device(name)
+
+
 def chosen_model(value: str | None) -> str:
-    from mnist_cnn.runs import model_or_default
+    """--model, or the default: the newest finished run under ./runs, else the shipped model."""
+    from mnist_cnn.checkpoints import model_or_default
 
     return str(model_or_default(value))
 
 
 def chosen_models(values: list[str] | None) -> list[str]:
+    """Each --model given, or the default one."""
     return [chosen_model(value) for value in values] if values else [chosen_model(None)]
 
 
@@ -141,7 +155,7 @@ def worker_argv(args: argparse.Namespace) -> list[str]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mnist_cnn.config import resolve_train_config
-    from mnist_cnn.train import EXIT_INTERRUPTED, resume, train
+    from mnist_cnn.train import resume, train
 
     given = recipe_values(args)
     if args.nproc:
@@ -158,9 +172,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         preset = given.pop("preset", None)
         result = train(resolve_train_config(preset, given), run_dir=args.run_dir, **options)
     if not result.completed:
-        return EXIT_INTERRUPTED
+        return exits.INTERRUPTED
     if not result.main:  # under torchrun rank 0 alone prints and reports
-        return 0
+        return exits.OK
     if result.metrics:
         last = result.metrics[-1]
         total = sum(record["seconds"] for record in result.metrics)
@@ -171,8 +185,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.no_report:
         from mnist_cnn.report import report_run
 
-        print(f"report: {report_run(result.run_dir, device=args.device, data_dir=args.data_dir)}")
-    return 0
+        print(f"report: {report_run(result.run_dir, device=result.device, data_dir=args.data_dir)}")
+    return exits.OK
 
 
 # ---------------------------------------------------------------- evaluate, predict, show
@@ -192,25 +206,25 @@ def add_evaluate_parser(subparsers) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from mnist_cnn.data import get_spec
-    from mnist_cnn.evaluate import evaluate_model, format_report
+    from mnist_cnn.catalog import get_spec
+    from mnist_cnn.evaluate import evaluate_saved, format_report
 
     sources = chosen_models(([args.source] if args.source else []) + (args.model or []) or None)
     options = dict(data_dir=args.data_dir, dataset=args.dataset, split=args.split,
-                   device=args.device, batch_size=args.batch_size)
+                   device=chosen_device(args.device), batch_size=args.batch_size)
     if len(sources) > 1:
         from mnist_cnn.evaluate import evaluate_ensemble, format_ensemble
 
         report = evaluate_ensemble(sources, **options)
         print(json.dumps(report) if args.json else format_ensemble(report))
-        return 0
-    report = evaluate_model(sources[0], **options)
+        return exits.OK
+    report = evaluate_saved(sources[0], **options)
     if args.json:
         print(json.dumps(report))
     else:
         title = f"{sources[0]} on {get_spec(report['dataset']).title} {report['split']} split"
         print(format_report(report, title=title))
-    return 0
+    return exits.OK
 
 
 def add_predict_parser(subparsers) -> None:
@@ -220,7 +234,8 @@ def add_predict_parser(subparsers) -> None:
                     "expanded; - reads one image from standard input). Images are normalised as "
                     "MNIST's digits were: inverted if dark on light, cropped, fitted into 20x20, "
                     "centred by centre of mass in 28x28. "
-                    "Exit status: 0 all predicted, 1 some image failed, 2 usage error.")
+                    f"Exit status: {exits.OK} all predicted, {exits.FAILED} some image failed, "
+                    f"{exits.USAGE} usage error.")
     add_model_flag(p, several=True)
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--top", type=POSITIVE_INT, default=1, metavar="K", help="show the K most likely classes (default: 1)")
@@ -230,7 +245,7 @@ def add_predict_parser(subparsers) -> None:
                    metavar="P", help="answer 'unsure' when the top probability is below P (default: the "
                    "model's own threshold, fitted on its validation split so that 99%% of correct answers "
                    "pass; 0.5 for models trained without --val-size; 0 turns it off)")
-    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+    p.add_argument("--backend", choices=BACKENDS, default="torch",
                    help="torch, or onnxruntime on the model.onnx made by mnist-cnn export "
                         "(no torch import at all) (default: torch)")
     add_where_flags(p, dataset=False, data_dir=False)
@@ -240,7 +255,8 @@ def add_predict_parser(subparsers) -> None:
 def cmd_predict(args: argparse.Namespace) -> int:
     from mnist_cnn.predict import make_predictor, predict_files
 
-    predictor = make_predictor(chosen_models(args.model), backend=args.backend, device=args.device)
+    device = chosen_device(args.device) if args.backend == "torch" else "cpu"  # onnxruntime: no torch
+    predictor = make_predictor(chosen_models(args.model), backend=args.backend, device=device)
     results = predict_files(predictor, args.images, save_preprocessed=args.save_preprocessed,
                             min_confidence=args.min_confidence)
     for result in results:
@@ -248,7 +264,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(json.dumps(result.to_json(max(args.top, 3))), flush=True)
         else:
             print(result.to_text(args.top), file=sys.stderr if result.error else sys.stdout, flush=True)
-    return 1 if any(result.error for result in results) else 0
+    return exits.FAILED if any(result.error for result in results) else exits.OK
 
 
 def add_show_parser(subparsers) -> None:
@@ -268,10 +284,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     from mnist_cnn.report import show
 
     path, count = show(chosen_model(args.model), misclassified=args.misclassified, count=args.count,
-                       output=args.output, device=args.device, data_dir=args.data_dir,
+                       output=args.output, device=chosen_device(args.device), data_dir=args.data_dir,
                        dataset=args.dataset)
     print(f"wrote {path} ({count} images)")
-    return 0
+    return exits.OK
 
 
 # ---------------------------------------------------------------- pictures of a run
@@ -288,16 +304,17 @@ def add_run_parser(subparsers, name: str, *, help: str, description: str, handle
 def cmd_plot(args: argparse.Namespace) -> int:
     from mnist_cnn.report import plot_run
 
-    for path in plot_run(args.run_dir, device=args.device, data_dir=args.data_dir):
+    for path in plot_run(args.run_dir, device=chosen_device(args.device), data_dir=args.data_dir):
         print(f"wrote {path}")
-    return 0
+    return exits.OK
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from mnist_cnn.report import report_run
 
-    print(f"wrote {report_run(args.run_dir, output=args.output, device=args.device, data_dir=args.data_dir)}")
-    return 0
+    path = report_run(args.run_dir, output=args.output, device=chosen_device(args.device), data_dir=args.data_dir)
+    print(f"wrote {path}")
+    return exits.OK
 
 
 def add_summary_parser(subparsers) -> None:
@@ -315,11 +332,11 @@ def cmd_summary(args: argparse.Namespace) -> int:
         from mnist_cnn.model import MODELS
 
         print("\n".join(MODELS))
-        return 0
+        return exits.OK
     from mnist_cnn.explain import summary
 
     print(summary(args.model))
-    return 0
+    return exits.OK
 
 
 def add_explain_parser(subparsers) -> None:
@@ -340,10 +357,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from mnist_cnn.explain import explain
 
     path, explanation = explain(chosen_model(args.model), image=args.image, test_index=args.test_index,
-                                output=args.output, device=args.device, data_dir=args.data_dir)
+                                output=args.output, device=chosen_device(args.device), data_dir=args.data_dir)
     print(f"predicted {explanation.predicted} "
           f"({100 * explanation.probabilities[explanation.predicted]:.2f}%); wrote {path}")
-    return 0
+    return exits.OK
 
 
 def add_export_parser(subparsers) -> None:
@@ -363,7 +380,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from mnist_cnn.export import export_model
 
     print(f"wrote {export_model(chosen_model(args.model), format=args.format, output=args.output)}")
-    return 0
+    return exits.OK
 
 
 def build_parser() -> Parser:
@@ -397,13 +414,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except MnistCnnError as error:
         print(f"mnist-cnn {args.command}: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return exits.USAGE
     except KeyboardInterrupt:
         print(f"mnist-cnn {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return exits.INTERRUPTED
     except BrokenPipeError:
-        return 0
+        return exits.OK
     except OSError as error:  # disk full, permissions: the machine's problem, said in one line
         detail = f"{error.strerror}: {error.filename}" if error.filename else str(error)
         print(f"mnist-cnn {args.command}: error: {detail}", file=sys.stderr)
-        return 1
+        return exits.FAILED

@@ -17,7 +17,9 @@ from mnist_cnn import MnistCnnError
 LOSSES = ("kl", "ce")
 SCHEDULES = ("constant", "onecycle")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+BACKENDS = ("torch", "onnxruntime")  # what runs a trained model for predict and serve
 PRECISIONS = ("fp32", "bf16", "fp16")
+KERNELS = ("auto", "torch", "custom")  # see mnist_cnn.kernels
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ def option(default: Any, help: str, *, check: Check | None = None,
 
 
 MODEL_NAMES = Registry("mnist_cnn.model", "MODELS")
-DATASET_NAMES = Registry("mnist_cnn.data", "DATASETS")
+DATASET_NAMES = Registry("mnist_cnn.catalog", "DATASETS")
 
 
 @dataclass
@@ -95,6 +97,9 @@ class TrainConfig:
                        check=NON_NEGATIVE_INT)
     eval_batch_size: int = option(1000, "images per forward pass when evaluating", check=POSITIVE_INT)
     precision: str = option("fp32", "autocast precision (fp16 needs CUDA)", choices=PRECISIONS)
+    kernels: str = option("auto", "the seed model's conv blocks while training: auto (the custom C "
+                          "kernels where measured faster), custom (wherever they apply) or torch "
+                          "(torch's ops only); $MNIST_CNN_KERNELS overrides", choices=KERNELS)
     preset: str | None = option(None, "the named recipe these values came from", flag=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -112,6 +117,7 @@ def recipe_fields() -> list[dataclasses.Field]:
 
 
 def flag_name(name: str) -> str:
+    """The command-line flag of config field `name` (batch_size → --batch-size)."""
     return "--" + name.replace("_", "-")
 
 

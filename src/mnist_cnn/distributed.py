@@ -24,13 +24,12 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 
-from mnist_cnn import MnistCnnError
+from mnist_cnn import MnistCnnError, exits
 from mnist_cnn.runtime import resolve_device
 
 TIMEOUT_ENV = "MNIST_CNN_DIST_TIMEOUT"
 THREADS_ENV = "MNIST_CNN_THREADS"  # torch threads per process under torchrun
 DEFAULT_TIMEOUT = 300.0  # seconds: rank 0's evaluation and checkpoint of a full epoch fit well
-EXIT_INTERRUPTED = 130
 T = TypeVar("T")
 
 
@@ -44,6 +43,8 @@ def launched() -> bool:
 
 
 def timeout_seconds() -> float:
+    """How long to wait for the other processes to join ($MNIST_CNN_DIST_TIMEOUT, else
+    DEFAULT_TIMEOUT)."""
     text = os.environ.get(TIMEOUT_ENV, "")
     if not text:
         return DEFAULT_TIMEOUT
@@ -68,6 +69,8 @@ def threads_per_process(local_size: int) -> int:
 
 
 def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and taskset
+    limit)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -238,13 +241,13 @@ def start(device: str = "auto") -> World:
     """This process's World: alone unless torchrun's variables are set; then the process
     group is formed (gloo, or NCCL on cuda:LOCAL_RANK) within the timeout, and torch uses
     this machine's cores divided among its local ranks (or $MNIST_CNN_THREADS)."""
+    target = resolve_device(device)  # the one place training turns --device into a device
     if not launched():
-        return World(device=resolve_device(device))
+        return World(device=target)
     rank, size = _env_int("RANK"), _env_int("WORLD_SIZE")
     local_rank, local_size = _env_int("LOCAL_RANK", 0), _env_int("LOCAL_WORLD_SIZE", 1)
     if not 0 <= rank < size:
         raise DistributedError(f"RANK={rank} is not in 0..WORLD_SIZE-1 ({size - 1})")
-    target = resolve_device(device)
     if target.type == "cuda":
         count = torch.cuda.device_count()
         if local_rank >= count:
@@ -347,13 +350,13 @@ def launch(nproc: int, argv: list[str]) -> int:
     try:
         run(args)
     except SignalException:  # Ctrl-C or SIGTERM here: the launcher passed it on and waited
-        return EXIT_INTERRUPTED
+        return exits.INTERRUPTED
     except ChildFailedError as error:
         codes = {failure.exitcode for failure in error.failures.values()}
-        if codes <= {EXIT_INTERRUPTED, -signal.SIGTERM, -signal.SIGINT}:
-            return EXIT_INTERRUPTED  # stopped on request; rank 0 said where it saved
-        if codes <= {2}:
-            return 2  # a user error each rank has explained
+        if codes <= {exits.INTERRUPTED, -signal.SIGTERM, -signal.SIGINT}:
+            return exits.INTERRUPTED  # stopped on request; rank 0 said where it saved
+        if codes <= {exits.USAGE}:
+            return exits.USAGE  # a user error each rank has explained
         rank, failure = error.get_first_failure()
         raise DistributedError(f"{_describe_failure(rank, failure)}; the others were stopped "
                                "(the run folder keeps its last checkpoint)") from None
@@ -363,4 +366,4 @@ def launch(nproc: int, argv: list[str]) -> int:
         for signum, handler in saved.items():
             with contextlib.suppress(ValueError, TypeError):  # not the main thread
                 signal.signal(signum, handler)
-    return 0
+    return exits.OK

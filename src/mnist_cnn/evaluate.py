@@ -122,21 +122,18 @@ def format_report(report: dict[str, Any], *, title: str) -> str:
     return "\n".join(lines)
 
 
-def evaluate_model(source: str | Path | None = None, *, data_dir: str | None = None,
-                   dataset: str | None = None, split: str = "test", device: str = "auto",
-                   batch_size: int = 1000) -> dict[str, Any]:
-    """Evaluate a trained model (see mnist_cnn.runs.open_model; by default the newest run
-    under ./runs, else the shipped model) on a split of its data set (or `dataset`): the
-    document `mnist-cnn evaluate --json` prints, accuracy exactly correct / total."""
-    from mnist_cnn.data import get_spec
-    from mnist_cnn.runs import load_split_for, model_or_default, open_model
-    from mnist_cnn.runtime import resolve_device
+def evaluate_saved(source: str | Path, *, device: torch.device | str = "cpu", data_dir: str | None = None,
+                   dataset: str | None = None, split: str = "test", batch_size: int = 1000) -> dict[str, Any]:
+    """Evaluate the trained model at `source` (see mnist_cnn.checkpoints.open_model) on
+    `device` (resolved by the caller: the CLI, or mnist_cnn.api.evaluate_model) on a split of
+    its data set (or `dataset`): the document `mnist-cnn evaluate --json` prints, accuracy
+    exactly correct / total."""
+    from mnist_cnn.catalog import get_spec
+    from mnist_cnn.checkpoints import load_split_for, open_model
 
-    target = resolve_device(device)
-    source = model_or_default(source)
-    loaded = open_model(source, device=target)
+    loaded = open_model(source, device=device)
     name, _ = loaded.data_source(dataset, data_dir)
-    data = load_split_for(loaded, split=split, dataset=dataset, data_dir=data_dir, device=target)
+    data = load_split_for(loaded, split=split, dataset=dataset, data_dir=data_dir, device=device)
     classes = get_spec(name).classes
     evaluation = evaluate(loaded.model, data, loss=loaded.config.loss, batch_size=batch_size,
                           num_classes=len(classes))
@@ -145,26 +142,26 @@ def evaluate_model(source: str | Path | None = None, *, data_dir: str | None = N
     return report
 
 
-def evaluate_ensemble(sources: list[str | Path], *, data_dir: str | None = None, dataset: str | None = None,
-                      split: str = "test", device: str = "auto", batch_size: int = 1000) -> dict[str, Any]:
+def evaluate_ensemble(sources: list[str | Path], *, device: torch.device | str = "cpu",
+                      data_dir: str | None = None, dataset: str | None = None, split: str = "test",
+                      batch_size: int = 1000) -> dict[str, Any]:
     """Each model's exact accuracy, and the ensemble's: the argmax of the members' mean
-    probabilities. The members must predict the same classes."""
+    probabilities, all on `device` (resolved by the caller). The members must predict the
+    same classes."""
     from mnist_cnn import MnistCnnError
-    from mnist_cnn.data import get_spec
-    from mnist_cnn.runs import load_split_for, open_model
-    from mnist_cnn.runtime import resolve_device
+    from mnist_cnn.catalog import get_spec
+    from mnist_cnn.checkpoints import load_split_for, open_model
 
-    target = resolve_device(device)
     members, mean_probabilities, data, name = [], None, None, None
     for source in sources:
-        loaded = open_model(source, device=target)
+        loaded = open_model(source, device=device)
         member_name, _ = loaded.data_source(dataset, data_dir)
         if name is not None and member_name != name:
             raise MnistCnnError(f"{source} is a {member_name} model, the others {name}; "
                                 "an ensemble is evaluated on one data set (pass --dataset)")
         if data is None:
             name = member_name
-            data = load_split_for(loaded, split=split, dataset=dataset, data_dir=data_dir, device=target)
+            data = load_split_for(loaded, split=split, dataset=dataset, data_dir=data_dir, device=device)
         logits = split_logits(loaded.model, data, batch_size=batch_size)
         evaluation = evaluation_from_logits(logits, data.labels, loss=loaded.config.loss,
                                             num_classes=len(get_spec(name).classes), batch_size=batch_size)
@@ -183,6 +180,8 @@ def evaluate_ensemble(sources: list[str | Path], *, data_dir: str | None = None,
 
 
 def format_ensemble(report: dict[str, Any]) -> str:
+    """An evaluate_ensemble report as the lines `mnist-cnn evaluate` prints: each member,
+    then the ensemble."""
     lines = [f"ensemble of {len(report['members'])} models on {report['dataset']} {report['split']} split"]
     for member in report["members"]:
         lines.append(f"  {100 * member['accuracy']:6.2f}% ({member['correct']}/{member['total']})  {member['model']}")

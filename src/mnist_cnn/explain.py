@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mnist_cnn.data import IMAGE_SIZE, scale
+from mnist_cnn.data import scale
+from mnist_cnn.idx import IMAGE_SIZE
 from mnist_cnn.model import MODELS, build_model, count_parameters
 
 
@@ -99,7 +100,7 @@ def summary(model: str | Path = "seed") -> str:
     """The layer table of a registered model name, a run folder or a model file."""
     if str(model) in MODELS:
         return format_summary(build_model(str(model)), f"model {model!r}")
-    from mnist_cnn.runs import open_model
+    from mnist_cnn.checkpoints import open_model
 
     loaded = open_model(model, device="cpu")
     return format_summary(loaded.model, f"model {loaded.config.model!r} from {model}")
@@ -107,6 +108,9 @@ def summary(model: str | Path = "seed") -> str:
 
 @dataclass
 class Explanation:
+    """What explain_digit found for one digit: the input, the class probabilities, each
+    conv layer's feature maps and a saliency map."""
+
     digit: np.ndarray  # uint8 (28, 28): what the model saw
     probabilities: np.ndarray  # (classes,)
     feature_maps: dict[str, np.ndarray]  # conv layer name → (channels, h, w)
@@ -118,6 +122,8 @@ class Explanation:
 
 
 def explain_digit(model: nn.Module, digit: np.ndarray) -> Explanation:
+    """Run `model` on one uint8 digit, recording each convolution's output and the
+    gradient of the predicted class's logit with respect to the pixels."""
     device = next(model.parameters()).device
     model.eval()
     maps: dict[str, np.ndarray] = {}
@@ -141,6 +147,8 @@ def explain_digit(model: nn.Module, digit: np.ndarray) -> Explanation:
 
 def explanation_figure(explanation: Explanation, classes: tuple[str, ...], path: Path,
                        title: str = "") -> Path:
+    """Draw an Explanation (input, saliency, probabilities, feature maps) into a PNG at
+    `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -183,15 +191,15 @@ def explanation_figure(explanation: Explanation, classes: tuple[str, ...], path:
 
 
 def explain(source: str | Path, *, image: str | Path | None = None, test_index: int | None = None,
-            output: str | Path | None = None, device: str = "auto", data_dir: str | None = None) -> tuple[Path, Explanation]:
-    """Explain one user image (preprocessed as for predict) or one test image by index."""
+            output: str | Path | None = None, device: torch.device | str = "cpu",
+            data_dir: str | None = None) -> tuple[Path, Explanation]:
+    """Explain one user image (preprocessed as for predict) or one test image by index, with
+    the model at `source` on `device` (resolved by the caller)."""
     from mnist_cnn import MnistCnnError
     from mnist_cnn.preprocess import preprocess_file
-    from mnist_cnn.runs import load_split_for, open_model
-    from mnist_cnn.runtime import resolve_device
+    from mnist_cnn.checkpoints import load_split_for, open_model
 
-    target = resolve_device(device)
-    loaded = open_model(source, device=target)
+    loaded = open_model(source, device=device)
     if image is not None:
         digit, label = preprocess_file(image), Path(image).name
         default = Path(f"{Path(image).stem}-explain.png")

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from mnist_cnn import MnistCnnError, __version__
-from mnist_cnn import runs
-from mnist_cnn.data import get_spec
+from mnist_cnn import checkpoints, runs
+from mnist_cnn.catalog import get_spec
 
 FORMATS = ("onnx", "torchscript")
 DEFAULT_NAMES = {"onnx": runs.ONNX_FILE, "torchscript": runs.TORCHSCRIPT_FILE}
@@ -39,7 +39,7 @@ class ProbabilityModel(nn.Module):
 
 
 def _servable(source: str | Path):
-    loaded = runs.open_model(source, device="cpu")
+    loaded = checkpoints.open_model(source, device="cpu")
     model = loaded.model.to(memory_format=torch.contiguous_format)  # exporters want the plain layout
     return ProbabilityModel(model).eval(), loaded.config
 

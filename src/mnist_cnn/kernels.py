@@ -13,10 +13,13 @@ Each block is one autograd Function:
 The loops are C (`kernels.c`), compiled at first use with the system's C compiler
 (`cc -O3 -march=native`), cached under the user cache directory and called through ctypes.
 No compiler, a failed build or an unsupported platform means the reference torch ops, always
-correct. `MNIST_CNN_KERNELS` chooses: `torch` (the reference ops), `custom` (these kernels
-wherever they apply), unset or `auto` (these kernels where they were measured faster; see
-DEFAULT_ON). The kernels serve training only (grad enabled, float32 on the CPU, no autocast);
-evaluation, export and tracing use the reference ops.
+correct. A run's `kernels` setting (TrainConfig, `--kernels`; recorded in config.json and the
+checkpoint) chooses: `torch` (the reference ops), `custom` (these kernels wherever they
+apply), `auto` (these kernels where they were measured faster; see DEFAULT_ON);
+$MNIST_CNN_KERNELS, when set, overrides it. The training loop builds its model with
+`build_training_model`, which gives the seed model the kernels as `KernelSeedCNN`;
+mnist_cnn.model stays plain torch. The kernels serve training only (grad enabled, float32
+on the CPU, no autocast); evaluation, export and tracing use the reference ops.
 """
 
 from __future__ import annotations
@@ -34,23 +37,22 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from mnist_cnn import MnistCnnError
+from mnist_cnn.config import KERNELS as CHOICES
+from mnist_cnn.model import MODELS, SeedCNN, build_model
 
 ENV = "MNIST_CNN_KERNELS"
-CHOICES = ("auto", "torch", "custom")
 SOURCE = Path(__file__).with_name("kernels.c")
 CFLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-std=c11")
 
-# Where `auto` uses the kernels: measured faster (forward + backward of each block at batch 128
-# and 256, the whole step, and an epoch; channels-last, interleaved with the reference ops) on
-# an Intel Xeon with AVX-512 (KVM guest, 2 cores), 2026-11-30, with 1 thread: the cores were
-# shared with other jobs, which makes 2-thread timings scatter 2x (see the README and
-# benchmarks/kernels.py). AMD could not be measured: there `auto` keeps the reference ops
-# until someone measures it (MNIST_CNN_KERNELS=custom to try).
-# (Training runs that hung on 2026-11-30 ~13:30-13:40 met a worker pool that could miss its
-# first job; the pool is gone — each call starts and joins its own threads — and tests run two
-# trainings at once, in two processes and in two threads.)
+# Where `auto` uses the kernels: where they were measured faster (forward + backward of each
+# block at batch 128 and 256, the whole step, and an epoch; channels-last, interleaved with the
+# reference ops, 1 thread; benchmarks/kernels.py, figures and machine in benchmarks/results/).
+# Only Intel with AVX-512 has been measured: elsewhere `auto` keeps the reference ops until
+# someone measures (`--kernels custom` to try). Concurrent trainings, in threads or processes,
+# are safe: each call starts and joins its own threads (see parallel() in kernels.c).
 DEFAULT_ON: dict[str, dict[str, bool]] = {"GenuineIntel": {"conv1": True, "conv2": True}}
 # The block's convolution computed inside the kernel (no full-size map) rather than by torch
 # (oneDNN), where measured faster (same machine and runs as DEFAULT_ON).
@@ -108,7 +110,7 @@ def _compiler() -> str | None:
 
 def library_path(compiler: str) -> Path:
     """Cached build: one per source, compiler, flags and CPU (for -march=native)."""
-    from mnist_cnn.data import user_cache_dir
+    from mnist_cnn.catalog import user_cache_dir
 
     key = hashlib.sha256()
     for part in (SOURCE.read_bytes(), compiler.encode(), " ".join(CFLAGS).encode(), _cpu_signature().encode()):
@@ -180,16 +182,19 @@ def failure() -> str | None:
 
 # ---------------------------------------------------------------- choosing
 
-def mode() -> str:
-    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+def mode(configured: str = "auto") -> str:
+    """The kernels to use: $MNIST_CNN_KERNELS when set (an override, e.g. for a benchmark),
+    else `configured` (a run's `kernels` setting)."""
+    value = os.environ.get(ENV, "").strip().lower() or configured
     if value not in CHOICES:
         raise KernelError(f"{ENV}={value!r} is not one of: {', '.join(CHOICES)}")
     return value
 
 
-def wanted(name: str) -> bool:
-    """Whether block `name` should use the custom kernels (by MNIST_CNN_KERNELS and DEFAULT_ON)."""
-    choice = mode()
+def wanted(name: str, choice: str | None = None) -> bool:
+    """Whether block `name` should use the custom kernels under `choice` (default: mode())
+    and DEFAULT_ON, and they can be built here."""
+    choice = mode() if choice is None else choice
     if choice == "torch":
         return False
     if choice == "auto" and not DEFAULT_ON.get(_cpu_vendor(), {}).get(name, False):
@@ -288,3 +293,46 @@ def conv_pool_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *,
     if use and bias is not None and applies(x, weight, spec):
         return ConvPoolReLU.apply(x, weight, bias, spec, flat_output, FUSED[block] if fused is None else fused)
     return reference(x, weight, bias)
+
+
+# ---------------------------------------------------------------- the model the training loop uses
+
+
+def _tracing() -> bool:
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+
+
+class KernelSeedCNN(SeedCNN):
+    """SeedCNN whose conv -> pool -> ReLU blocks named in `blocks` run on the custom kernels
+    while it trains (grad enabled, not traced or exported). Same layers, parameters and
+    state dict as SeedCNN, whose own forward runs in every other case (evaluation,
+    inference, export), so a checkpoint neither knows nor cares which one trained it."""
+
+    def __init__(self, blocks: frozenset[str], num_classes: int = 10, dropout: float = 0.2):
+        super().__init__(num_classes=num_classes, dropout=dropout)
+        self.blocks = blocks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and torch.is_grad_enabled()) or _tracing():
+            return super().forward(x)
+        x = conv_pool_relu(x, self.conv1.weight, self.conv1.bias, block="conv1",
+                           force="conv1" in self.blocks)  # (b, 6, 12, 12)
+        x = conv_pool_relu(x, self.conv2.weight, self.conv2.bias, block="conv2",
+                           force="conv2" in self.blocks, flat_output=True)  # (b, 16, 4, 4)
+        return self.head(x)
+
+
+def build_training_model(name: str, *, num_classes: int, choice: str) -> nn.Module:
+    """build_model(name), for training under the kernels `choice` (a run's `kernels` setting;
+    see mode()): the seed model with the blocks the choice wants on the custom kernels, if
+    any; every other model as build_model makes it. Both draw the same initial weights."""
+    if MODELS.get(name) is SeedCNN:
+        blocks = frozenset(block for block in BLOCKS if wanted(block, choice))
+        if blocks:
+            return KernelSeedCNN(blocks, num_classes=num_classes)
+    return build_model(name, num_classes=num_classes)
+
+
+def kernel_blocks(model: nn.Module) -> list[str]:
+    """The blocks of `model` that train on the custom kernels (for the run's record)."""
+    return sorted(model.blocks) if isinstance(model, KernelSeedCNN) else []

@@ -8,11 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnist_cnn import MnistCnnError, kernels
-
-
-def _tracing() -> bool:
-    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+from mnist_cnn import MnistCnnError
 
 
 class SeedCNN(nn.Module):
@@ -45,14 +41,13 @@ class SeedCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The tutorial applies ReLU then max-pool. Both are monotone, so they commute exactly
         # (same outputs, same gradients); pooling first runs the ReLU on 4x fewer values.
-        if self.training and torch.is_grad_enabled() and not _tracing():
-            # Training: each conv -> pool -> ReLU block through mnist_cnn.kernels, which uses
-            # its faster kernels where they apply and were measured faster (MNIST_CNN_KERNELS).
-            x = kernels.conv_pool_relu(x, self.conv1.weight, self.conv1.bias, block="conv1")
-            x = kernels.conv_pool_relu(x, self.conv2.weight, self.conv2.bias, block="conv2", flat_output=True)
-        else:  # evaluation, inference, export: the plain torch ops
-            x = F.relu(self.pool1(self.conv1(x)))  # (b, 6, 12, 12)
-            x = F.relu(self.pool2(self.conv2(x)))  # (b, 16, 4, 4)
+        x = F.relu(self.pool1(self.conv1(x)))  # (b, 6, 12, 12)
+        x = F.relu(self.pool2(self.conv2(x)))  # (b, 16, 4, 4)
+        return self.head(x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The classifier after the two conv blocks: features (b, 16, 4, 4) → logits (b, 10).
+        (mnist_cnn.kernels computes the blocks differently while training, then calls this.)"""
         x = self.flatten(x)  # (b, 256)
         x = F.relu(self.drop1(self.lin1(x)))  # (b, 96), dropout before ReLU as the tutorial has it
         return self.lin2(x)  # (b, 10) logits
@@ -121,4 +116,5 @@ def to_device(model: nn.Module, device: torch.device | str) -> nn.Module:
 
 
 def count_parameters(model: nn.Module) -> int:
+    """The number of parameters (weights and biases) of `model`."""
     return sum(p.numel() for p in model.parameters())

@@ -5,18 +5,43 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
 from mnist_cnn import MnistCnnError
 from mnist_cnn.calibrate import (DEFAULT_MIN_CONFIDENCE, model_min_confidence, model_temperature,
                                   read_calibration, temper)
-from mnist_cnn.data import IMAGE_SIZE, scale_array
+from mnist_cnn.config import BACKENDS, TrainConfig
+from mnist_cnn.data import scale_array
+from mnist_cnn.idx import IMAGE_SIZE
 from mnist_cnn.preprocess import ImageError, expand_paths, preprocess_file, to_image
-from mnist_cnn.runs import ONNX_FILE, CheckpointError, model_folder, read_model_info
+from mnist_cnn.checkpoints import read_model_info
+from mnist_cnn.runs import ONNX_FILE, CheckpointError, model_folder
 
-BACKENDS = ("torch", "onnxruntime")
+if TYPE_CHECKING:  # torch is imported where it is used: the onnxruntime path never does
+    import torch
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    """What predict, the Python API and serve use of a trained model, whatever runs it:
+    TorchPredictor, OnnxPredictor, or an EnsemblePredictor of either."""
+
+    backend: str  # one of config.BACKENDS
+    classes: tuple[str, ...]
+    config: TrainConfig  # the recipe it was trained with
+    path: Path  # the file its weights came from
+    info: dict[str, Any]  # model.json, where there is one
+    min_confidence: float  # below this top probability an answer is "unsure"
+
+    def probabilities(self, digits: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+        """uint8 (N, 28, 28) digits → float32 (N, classes) calibrated probabilities."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """What the model is, for people and for the server's /api/models."""
+        ...
 
 
 class TorchPredictor:
@@ -25,12 +50,11 @@ class TorchPredictor:
 
     backend = "torch"
 
-    def __init__(self, source: str | Path, *, device: str = "auto"):
-        from mnist_cnn.runs import open_model
-        from mnist_cnn.runtime import resolve_device
+    def __init__(self, source: str | Path, *, device: "torch.device | str" = "cpu"):
+        from mnist_cnn.checkpoints import open_model
 
-        self.device = resolve_device(device)
-        loaded = open_model(source, device=self.device)
+        self.device = device  # resolved by the caller (make_predictor, the CLI, the Python API)
+        loaded = open_model(source, device=device)
         self.model, self.config, self.path, self.info = loaded.model, loaded.config, loaded.path, loaded.info
         self.classes = loaded.classes
         self.temperature, self.min_confidence = _calibration(self.path, self.info)
@@ -72,7 +96,6 @@ class OnnxPredictor:
     backend = "onnxruntime"
 
     def __init__(self, source: str | Path, *, threads: int | None = None):
-        from mnist_cnn.config import TrainConfig
         from mnist_cnn.fileio import require_regular_file
 
         try:
@@ -120,7 +143,7 @@ class OnnxPredictor:
 class EnsemblePredictor:
     """Several models predicting together: the mean of their probabilities."""
 
-    def __init__(self, members: Sequence[Any]):
+    def __init__(self, members: Sequence[Predictor]):
         self.members = list(members)
         self.classes = self.members[0].classes
         for member in self.members[1:]:
@@ -149,7 +172,7 @@ def _calibration(path: Path, info: dict[str, Any]) -> tuple[float, float]:
 
 def _description(predictor, *, parameters: int | None) -> dict[str, Any]:
     """What a model is, for people and for the server's /api/models."""
-    from mnist_cnn.data import get_spec
+    from mnist_cnn.catalog import get_spec
 
     metrics = predictor.info.get("metrics") or {}
     folder = model_folder(predictor.path)
@@ -163,8 +186,14 @@ def _description(predictor, *, parameters: int | None) -> dict[str, Any]:
 
 
 def make_predictor(source: str | Path | Sequence[str | Path], *, backend: str = "torch",
-                   device: str = "auto"):
-    """A predictor for one model, or an ensemble when given several."""
+                   device: "torch.device | str" = "cpu") -> Predictor:
+    """A predictor for one model, or an ensemble when given several, all on one device. The
+    CLI and the Python API pass a resolved torch.device; a name (serve's --device) is
+    resolved here, once for all members. onnxruntime ignores it (and never imports torch)."""
+    if backend == "torch" and isinstance(device, str):
+        from mnist_cnn.runtime import resolve_device
+
+        device = resolve_device(device)
     if not isinstance(source, (str, Path)):
         sources = list(source)
         if len(sources) != 1:
@@ -179,8 +208,12 @@ def make_predictor(source: str | Path | Sequence[str | Path], *, backend: str = 
 
 @dataclass
 class Prediction:
-    path: str
-    probabilities: list[float] = field(default_factory=list)
+    """One image's answer (or its error): the record that `predict` prints (as text, or as
+    JSON with --json) and that the server's /api/predict returns as JSON, the same keys
+    built in one place (to_json)."""
+
+    path: str | None = None  # the image's file; None where there is none (an upload)
+    probabilities: Sequence[float] = field(default_factory=list)
     classes: tuple[str, ...] = ()
     error: str | None = None
     min_confidence: float = 0.0  # below this top probability the answer is "unsure"
@@ -199,12 +232,15 @@ class Prediction:
                 for i in order]
 
     def to_json(self, k: int = 3) -> dict[str, Any]:
+        """label, name, probability, probabilities, the `k` most likely classes (top),
+        unsure and min_confidence; after "path" when there is one; or the error."""
+        where = {} if self.path is None else {"path": self.path}
         if self.error is not None:
-            return {"path": self.path, "error": self.error}
-        return {"path": self.path, "label": self.label, "name": self.classes[self.label],
+            return {**where, "error": self.error}
+        return {**where, "label": self.label, "name": self.classes[self.label],
                 "probability": float(self.probabilities[self.label]),
                 "probabilities": [float(p) for p in self.probabilities], "top": self.top(k),
-                "unsure": self.unsure, "min_confidence": self.min_confidence}
+                "unsure": self.unsure, "min_confidence": float(self.min_confidence)}
 
     def to_text(self, k: int = 1) -> str:
         if self.error is not None:
@@ -226,7 +262,7 @@ def _unique_name(stem: str, used: set[str]) -> str:
     return name
 
 
-def predict_files(predictor, inputs: list[str], *, save_preprocessed: str | Path | None = None,
+def predict_files(predictor: Predictor, inputs: list[str], *, save_preprocessed: str | Path | None = None,
                   min_confidence: float | None = None) -> list[Prediction]:
     """Preprocess each file and predict, in input order; a bad file gives a Prediction with
     `error` set and the others are still processed. Answers whose top probability is below

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mnist_cnn import MnistCnnError
-from mnist_cnn.data import IMAGE_SIZE
+from mnist_cnn.idx import IMAGE_SIZE
 from mnist_cnn.fileio import read_file, read_stream
 
 BOX_SIZE = 20  # MNIST fits each digit's longer side into 20 pixels
@@ -208,6 +208,7 @@ def normalise_ink(gray: np.ndarray) -> np.ndarray:
 
 
 def center_of_mass(image: np.ndarray) -> tuple[float, float]:
+    """(row, column) of the ink's centre of mass, as MNIST centred its digits by."""
     total = image.sum()
     rows, cols = np.indices(image.shape)
     return float((rows * image).sum() / total), float((cols * image).sum() / total)

@@ -12,9 +12,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from mnist_cnn import runs
+from mnist_cnn import checkpoints, runs
 from mnist_cnn.config import TrainConfig
-from mnist_cnn.data import Split, get_spec
+from mnist_cnn.catalog import get_spec
+from mnist_cnn.data import Split
 from mnist_cnn.evaluate import evaluation_from_logits, evaluation_report, split_logits
 from mnist_cnn.fileio import atomic_write_text
 from mnist_cnn.plots import (
@@ -41,6 +42,8 @@ class SplitResults:
 
 
 def split_results(model: nn.Module, config: TrainConfig, test: Split) -> SplitResults:
+    """`model`'s probabilities and evaluation report on `test`, with the images, for the
+    plots and galleries."""
     classes = get_spec(config.dataset).classes
     logits = split_logits(model, test)
     evaluation = evaluation_from_logits(logits, test.labels, loss=config.loss, num_classes=len(classes))
@@ -52,20 +55,18 @@ def split_results(model: nn.Module, config: TrainConfig, test: Split) -> SplitRe
     )
 
 
-def load_split_results(source: str | Path, *, device: str = "auto", data_dir: str | None = None,
-                       dataset: str | None = None) -> tuple[SplitResults, runs.LoadedModel]:
-    """A trained model and its results on the test split of its data set (or `dataset`)."""
-    from mnist_cnn.runtime import resolve_device
-
-    target = resolve_device(device)
-    loaded = runs.open_model(source, device=target)
-    test = runs.load_split_for(loaded, dataset=dataset, data_dir=data_dir, device=target)
+def load_split_results(source: str | Path, *, device: torch.device | str = "cpu", data_dir: str | None = None,
+                       dataset: str | None = None) -> tuple[SplitResults, checkpoints.LoadedModel]:
+    """A trained model on `device` (resolved by the caller) and its results on the test split
+    of its data set (or `dataset`)."""
+    loaded = checkpoints.open_model(source, device=device)
+    test = checkpoints.load_split_for(loaded, dataset=dataset, data_dir=data_dir, device=device)
     config = TrainConfig.from_dict({**loaded.config.to_dict(), "dataset": loaded.data_source(dataset)[0]})
     return split_results(loaded.model, config, test), loaded
 
 
 def show(source: str | Path, *, misclassified: bool = False, count: int = 36,
-         output: str | Path | None = None, device: str = "auto", data_dir: str | None = None,
+         output: str | Path | None = None, device: torch.device | str = "cpu", data_dir: str | None = None,
          dataset: str | None = None) -> tuple[Path, int]:
     """Draw test digits with true and predicted labels; returns the file and the number drawn."""
     results, _ = load_split_results(source, device=device, data_dir=data_dir, dataset=dataset)
@@ -170,27 +171,32 @@ def write_run_artifacts(run_dir: Path, results: SplitResults, model: nn.Module, 
                       format_summary(model, f"model {results.config.model!r}") + "\n")
     explanation_figure(explain_digit(model, results.images[0]), results.classes, run_dir / runs.EXPLAIN_FILE,
                        title=f"test image #0 (true: {results.classes[int(results.labels[0])]})")
-    text = render_report(run_dir, results, runs.read_metrics(run_dir), runs.read_model_info(run_dir), images)
+    text = render_report(run_dir, results, runs.read_metrics(run_dir), checkpoints.read_model_info(run_dir), images)
     output = output or run_dir / runs.REPORT_FILE
     atomic_write_text(output, text)
     return output
 
 
 def require_run_dir(run_dir: str | Path) -> Path:
+    """`run_dir` as a Path, or CheckpointError if it is not a run folder holding a model
+    or checkpoint."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise runs.CheckpointError(f"{run_dir}: no such run folder")
-    runs.resolve_model_path(run_dir)  # a clear error when it holds no model or checkpoint
+    checkpoints.resolve_model_path(run_dir)  # a clear error when it holds no model or checkpoint
     return run_dir
 
 
-def plot_run(run_dir: str | Path, *, device: str = "auto", data_dir: str | None = None) -> list[Path]:
+def plot_run(run_dir: str | Path, *, device: torch.device | str = "cpu",
+             data_dir: str | None = None) -> list[Path]:
+    """Redraw a run's three charts (learning curves, confusion matrix, per-class accuracy)
+    into its folder."""
     run_dir = require_run_dir(run_dir)
     return write_plots(run_dir, load_split_results(run_dir, device=device, data_dir=data_dir)[0])
 
 
-def report_run(run_dir: str | Path, *, output: str | Path | None = None, device: str = "auto",
-               data_dir: str | None = None) -> Path:
+def report_run(run_dir: str | Path, *, output: str | Path | None = None,
+               device: torch.device | str = "cpu", data_dir: str | None = None) -> Path:
     """Everything a run leaves for people, (re)drawn from its model: what `mnist-cnn train`
     calls after training and `mnist-cnn report` on demand."""
     run_dir = require_run_dir(run_dir)

@@ -32,6 +32,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def cpu_model() -> str:
+    """The CPU's model name, for the record of where a run ran."""
     try:
         with open("/proc/cpuinfo") as handle:
             for line in handle:

@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -21,18 +21,18 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from mnist_cnn import MnistCnnError, distributed, runs
+from mnist_cnn import MnistCnnError, checkpoints, distributed, kernels, runs
 from mnist_cnn.config import TrainConfig, validate_train_config
 from mnist_cnn.augment import augment, random_shift  # noqa: F401 (random_shift: public here too)
 from mnist_cnn.calibrate import calibrate, format_calibration
-from mnist_cnn.data import Split, get_spec, hold_out, load_dataset, steps_per_epoch, train_batches
+from mnist_cnn.catalog import get_spec
+from mnist_cnn.data import Split, hold_out, load_dataset, steps_per_epoch, train_batches
 from mnist_cnn.distributed import World
 from mnist_cnn.evaluate import evaluate, evaluation_from_logits, evaluation_report, split_logits
 from mnist_cnn.losses import batch_loss
-from mnist_cnn.model import build_model, count_parameters, to_device
-from mnist_cnn.runtime import environment, resolve_device
+from mnist_cnn.model import count_parameters, to_device
+from mnist_cnn.runtime import environment
 
-EXIT_INTERRUPTED = 130
 Log = Callable[[str], None]
 
 
@@ -42,10 +42,13 @@ class TrainingDiverged(MnistCnnError):
 
 @dataclass
 class TrainResult:
+    """What a training or resume call returns: where the run is and how far it got."""
+
     run_dir: Path
     metrics: list[dict[str, Any]]  # one record per finished epoch
     completed: bool  # False when stopped by Ctrl-C / SIGTERM (a checkpoint was saved)
     main: bool = True  # False on the other ranks under torchrun: rank 0 alone reports
+    device: torch.device | None = None  # where it trained: the report after training uses it too
 
 
 @dataclass
@@ -90,6 +93,8 @@ def learning_rate(step: int, total_steps: int, config: TrainConfig) -> float:
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """Adam (AdamW with --weight-decay) over `model`'s parameters, fused where the device
+    has it."""
     # Fused Adam updates every parameter in one kernel (CPU and CUDA); on the seed model it
     # measured no faster than the default on 2 CPU cores (the step is ~1 % of the time), and
     # saves per-parameter launches on a GPU.
@@ -101,6 +106,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) 
 
 
 def autocast_context(config: TrainConfig, device: torch.device):
+    """The autocast context of --precision: none for fp32, else bf16/fp16 on `device`."""
     if config.precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if config.precision == "bf16" else torch.float16
@@ -108,6 +114,8 @@ def autocast_context(config: TrainConfig, device: torch.device):
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
+    """The random state a checkpoint saves (CPU, and every GPU's on CUDA), so a resume
+    draws the same dropout and augmentation."""
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -115,12 +123,14 @@ def rng_state(device: torch.device) -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore a state saved by rng_state()."""
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def format_epoch(record: dict[str, Any], epochs: int) -> str:
+    """One epoch's record as the line training prints."""
     width = len(str(epochs))
     return (f"epoch {record['epoch']:>{width}}/{epochs}  train_loss {record['train_loss']:.4f}  "
             f"test_loss {record['test_loss']:.4f}  test_acc {100 * record['test_accuracy']:.2f}% "
@@ -176,14 +186,15 @@ def train_in_world(world: distributed.World, config: TrainConfig, *, run_dir: st
                    data_dir: str | None, progress: bool, log: Log) -> TrainResult:
     """train() within its process group (the run's state is gone when this returns)."""
     log = world.main_only(log)
-    run = build_run(config, device=str(world.device), data_dir=data_dir, log=log,
+    run = build_run(config, device=world.device, data_dir=data_dir, log=log,
                     run_dir=lambda: world.on_main(lambda: runs.create_run_dir(run_dir)))
     join_world(run, world)
 
     def start_folder() -> None:
         runs.write_metrics(run.run_dir, [])
         runs.write_run_config(run.run_dir, {
-            "config": config.to_dict(), "data_dir": data_dir, "environment": environment(run.device),
+            "config": run.config.to_dict(), "data_dir": data_dir, "environment": environment(run.device),
+            "kernel_blocks": kernels.kernel_blocks(run.model),  # on the custom kernels, here
             "argv": sys.argv, "parameters": count_parameters(run.model), "steps_per_epoch": run.steps,
             "world_size": world.size,
             "started": datetime.now().astimezone().isoformat(timespec="seconds")})
@@ -206,9 +217,9 @@ def resume_in_world(world: distributed.World, run_dir: str | Path, *, data_dir: 
                     progress: bool, log: Log) -> TrainResult:
     """resume() within its process group (the run's state is gone when this returns)."""
     log = world.main_only(log)
-    opened = world.on_main(lambda: runs.open_run(run_dir))  # only rank 0 reads the folder
+    opened = world.on_main(lambda: checkpoints.open_run(run_dir))  # only rank 0 reads the folder
     data_dir = data_dir or opened.data_dir
-    run = build_run(opened.config, device=str(world.device), data_dir=data_dir, log=log,
+    run = build_run(opened.config, device=world.device, data_dir=data_dir, log=log,
                     run_dir=lambda: opened.run_dir)
     join_world(run, world)
     if opened.checkpoint is None:
@@ -231,29 +242,35 @@ def resume_in_world(world: distributed.World, run_dir: str | Path, *, data_dir: 
     return result
 
 
-def build_run(config: TrainConfig, *, device: str, data_dir: str | None, log: Log,
+def build_run(config: TrainConfig, *, device: torch.device, data_dir: str | None, log: Log,
               run_dir: Callable[[], Path]) -> Run:
-    """Data, model and optimizer, freshly seeded; the run folder is created last, so a run
-    that cannot start (bad data, unknown model, no such device) leaves no folder behind."""
-    target = resolve_device(device)
-    if config.precision == "fp16" and target.type != "cuda":
+    """Data, model and optimizer on `device` (the World's), freshly seeded; the run folder is
+    created last, so a run that cannot start (bad data, unknown model) leaves no folder behind."""
+    if config.precision == "fp16" and device.type != "cuda":
         raise MnistCnnError("--precision fp16 needs a CUDA device; use bf16 or fp32")
-    if target.type == "cuda":  # same seed → same weights, on the GPU too
+    if device.type == "cuda":  # same seed → same weights, on the GPU too
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
-    data = load_dataset(config.dataset, data_dir, device=target, log=log)
+    data = load_dataset(config.dataset, data_dir, device=device, log=log)
     if config.val_size:  # the same images in every process and on resume: a function of the seed
         data["train"], data["val"] = hold_out(data["train"], config.val_size, seed=config.seed)
+    choice = kernels.mode(config.kernels)
+    if choice != config.kernels:  # recorded as used: config.json and checkpoints say what ran
+        log(f"{kernels.ENV}={choice} overrides the run's kernels setting ({config.kernels})")
+        config = replace(config, kernels=choice)
     torch.manual_seed(config.seed)
-    model = to_device(build_model(config.model, num_classes=len(get_spec(config.dataset).classes)), target)
-    return Run(config=config, run_dir=run_dir(), device=target, data_dir=data_dir, data=data,
-               model=model, optimizer=make_optimizer(model, config, target),
+    model = to_device(kernels.build_training_model(
+        config.model, num_classes=len(get_spec(config.dataset).classes), choice=config.kernels), device)
+    return Run(config=config, run_dir=run_dir(), device=device, data_dir=data_dir, data=data,
+               model=model, optimizer=make_optimizer(model, config, device),
                scaler=torch.amp.GradScaler("cuda", enabled=config.precision == "fp16"),
                steps=steps_per_epoch(len(data["train"]), config.batch_size),
-               loss_sum=torch.zeros((), device=target))
+               loss_sum=torch.zeros((), device=device))
 
 
 def restore(run: Run, state: dict[str, Any]) -> None:
+    """Put a checkpoint's weights, optimizer, scaler, random state and counters into
+    `run`."""
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     if "scaler" in state:
@@ -291,7 +308,7 @@ def save_checkpoint(run: Run) -> None:
     """Every rank's random state is gathered (a collective under torchrun); rank 0 writes the
     unwrapped model's weights, so any number of processes can load them."""
     states = run.world.gather(rng_state(run.device))
-    run.world.on_main(lambda: runs.save_checkpoint(run.run_dir, {
+    run.world.on_main(lambda: checkpoints.save_checkpoint(run.run_dir, {
         "config": run.config.to_dict(), "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
         "rng": states[0], "world_size": run.world.size,
@@ -316,15 +333,15 @@ def run_epochs(run: Run, *, progress: bool, log: Log) -> TrainResult:
                 save_checkpoint(run)
                 log(f"{stop.name}: saved a checkpoint at epoch {run.epoch + 1}, step "
                     f"{run.step}/{run.steps}; continue with: mnist-cnn train --resume {run.run_dir}")
-                return TrainResult(run.run_dir, run.metrics, completed=False)
+                return TrainResult(run.run_dir, run.metrics, completed=False, device=run.device)
             record = end_epoch(run, started)
             log(format_epoch(record, run.config.epochs))
             if run.world.any(stop.signal_name is not None) and run.epoch < run.config.epochs:
                 log(f"{stop.name}: saved a checkpoint after epoch {run.epoch}; "
                     f"continue with: mnist-cnn train --resume {run.run_dir}")
-                return TrainResult(run.run_dir, run.metrics, completed=False)
+                return TrainResult(run.run_dir, run.metrics, completed=False, device=run.device)
     run.world.on_main(lambda: save_final_model(run, log=log))
-    return TrainResult(run.run_dir, run.metrics, completed=True)
+    return TrainResult(run.run_dir, run.metrics, completed=True, device=run.device)
 
 
 def train_one_epoch(run: Run, stop: StopRequest, *, progress: bool) -> bool:
@@ -427,7 +444,7 @@ def save_final_model(run: Run, *, log: Log = print) -> Path:
         "train_seconds_total": sum(record["seconds"] for record in run.metrics),
         "parameters": count_parameters(run.model),
         "environment": environment(run.device),
-        "checkpoint_format_version": runs.FORMAT_VERSION,
+        "checkpoint_format_version": checkpoints.FORMAT_VERSION,
         **({"calibration": calibration} if calibration else {}),
     }
-    return runs.save_model(run.run_dir, run.model, run.config, info)
+    return checkpoints.save_model(run.run_dir, run.model, run.config, info)

@@ -123,7 +123,7 @@ def add_serve_parser(subparsers) -> None:
 
 def resolve_models(values: list[str] | None) -> list[Path]:
     """Each --model as given; none given: the newest finished run, else the shipped model."""
-    from mnist_cnn.runs import model_or_default
+    from mnist_cnn.checkpoints import model_or_default
 
     return [Path(model_or_default(value)) for value in (values or [None])]
 

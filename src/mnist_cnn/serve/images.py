@@ -66,12 +66,9 @@ def png_base64(digit: np.ndarray) -> str:
 
 def prediction(row: np.ndarray, classes: tuple[str, ...], model: str, *, top: int = TOP_K,
                min_confidence: float = 0.0) -> dict[str, Any]:
-    """One row of probabilities → the API's answer (label, name, probability, top, ...);
-    `unsure` when the top probability is below the model's `min_confidence`, as in predict."""
-    label = int(np.argmax(row))
-    order = np.argsort(row)[::-1][:top]
-    return {"label": label, "name": classes[label], "probability": float(row[label]),
-            "probabilities": [float(p) for p in row],
-            "top": [{"label": int(i), "name": classes[i], "probability": float(row[i])} for i in order],
-            "unsure": bool(row[label] < min_confidence), "min_confidence": float(min_confidence),
-            "model": model}
+    """One row of probabilities → the API's answer: `predict --json`'s record (see
+    mnist_cnn.predict.Prediction), without a path, with the model's name."""
+    from mnist_cnn.predict import Prediction
+
+    record = Prediction(probabilities=row, classes=classes, min_confidence=min_confidence)
+    return {**record.to_json(top), "model": model}
