@@ -8,9 +8,9 @@ import socket
 from pathlib import Path
 
 from mnist_cnn import MnistCnnError
-from mnist_cnn.config import DEVICES
+from mnist_cnn.config import BACKENDS, DEVICES
 from mnist_cnn.serve import settings as limits
-from mnist_cnn.serve.settings import BACKENDS, DEFAULT_MAX_BODY_BYTES, ServeSettings
+from mnist_cnn.serve.settings import DEFAULT_MAX_BODY_BYTES, ServeSettings
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 

@@ -14,7 +14,6 @@ DEFAULT_MAX_BODY_BYTES = 10_000_000  # a phone photo fits; a 200 MB upload does 
 DEFAULT_MAX_BUFFERED_BYTES = 256_000_000  # request bodies held in memory at once, all requests together
 MAX_BATCH_FILES = 64
 TOP_K = 3  # classes listed in a prediction's "top"
-BACKENDS = ("torch", "onnxruntime")
 
 # Decoding: what one request, and one client over time, may make the server decode.
 DEFAULT_MAX_REQUEST_PIXELS = 64_000_000  # decoded pixels per request (~1 s of one core at worst)
