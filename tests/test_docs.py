@@ -177,8 +177,9 @@ def test_the_cli_reference_lists_every_command_flag_and_default(site):
         for action in parser._actions:
             if action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS):
                 row = next(line for line in section.splitlines() if f"`{action.option_strings[0]}`" in line)
-                shown = {f"default: {action.default}", f"default: {action.default:,}"
-                         if isinstance(action.default, int) and not isinstance(action.default, bool) else ""}
+                number = isinstance(action.default, (int, float)) and not isinstance(action.default, bool)
+                shown = {f"default: {action.default}", f"default: {action.default:,}" if number else "",
+                         f"default: {action.default:g}" if number else ""}
                 assert any(s and s in row for s in shown), (name, action.option_strings[0], row)
 
 
