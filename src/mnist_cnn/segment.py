@@ -31,15 +31,16 @@ MAX_RUNS = 500_000  # more runs of ink than this is texture or noise, not a writ
 SPECK_AREA = 0.02  # a mark with fewer pixels than this fraction of the largest mark is a speck
 SPECK_SIZE = 0.12  # ... or one whose longer side is below this fraction of the digits' height
 STROKE_HEIGHT = 0.55  # a mark shorter than this fraction of a digit's height is part of one
-SPLIT_ASPECT = 0.9  # a group wider than this times a digit's height may hold several digits ...
-MIN_PIECE_ASPECT = 0.12  # a piece's width, as a fraction of a digit's height: a narrow 1
+SPLIT_ASPECT = 0.5  # a group wider than this times a digit's height may hold several digits
+MIN_PIECE_ASPECT = 0.15  # a piece's width, as a fraction of a digit's height: a narrow 1
 MAX_PIECE_ASPECT = 1.6  # ... and at most this
-# How likely a digit is to be this wide (ink width / height): the log of its frequency in
-# MNIST's training digits relative to the commonest, smoothed (narrow 1s to wide 2s and 5s).
-ASPECT_PRIOR = ((0.0, -6.0), (0.12, -5.0), (0.2, -1.5), (0.45, -1.5), (0.55, 0.0), (1.0, 0.0),
-                (1.1, -1.3), (1.2, -2.2), (1.3, -3.5), (1.5, -4.5), (1.8, -6.0), (3.0, -10.0))
 MIN_PIECE_HEIGHT = 0.5  # a piece's ink is at least this fraction of a digit's height
-PIECE_COST = 1.0  # nats: what each piece costs, so that a cut must be worth it
+# How wide each digit is: mean and spread of log(ink width / ink height) of MNIST's training
+# digits by class (measured 2026-12-01; spreads below 0.25 widened to 0.25 for other hands
+# and fonts). A piece scores as the class it is most likely to be, its width included.
+LOG_ASPECT = np.array([-0.105, -0.916, -0.051, -0.223, -0.223, -0.051, -0.357, -0.223, -0.223, -0.357])
+LOG_ASPECT_SPREAD = np.array([0.25, 0.454, 0.25, 0.25, 0.25, 0.252, 0.25, 0.25, 0.25, 0.25])
+PIECE_COST = 0.5  # nats: what each piece costs, so that a cut must be worth it
 MAX_CUTS = 24  # candidate cut columns tried per group
 MAX_DIGITS = 100  # more pieces than this is not a number; refused
 
@@ -166,18 +167,56 @@ def join_strokes(found: Components, kept: list[int], height: float) -> list[list
     return groups
 
 
-def piece_ink(ink: np.ndarray, found: Components, group: list[int], x0: int, x1: int):
-    """The group's ink between columns x0 and x1 (other marks in that area blanked), cropped
-    to its rows of ink; with its top row. None when it holds no ink."""
-    box = found.boxes[group]
-    y0, y1 = int(box[:, 1].min()), int(box[:, 3].max())
+@dataclass
+class Group:
+    """A digit or several touching ones: its ink (other marks blanked) within its box."""
+
+    x0: int
+    y0: int
+    ink: np.ndarray  # float32 (h, w): the image's normalised ink in the box, other marks at 0
+    own: np.ndarray  # bool (h, w): this group's ink pixels
+
+
+def group_of(ink: np.ndarray, found: Components, marks: list[int]) -> Group:
+    box = found.boxes[marks]
+    x0, y0, x1, y1 = int(box[:, 0].min()), int(box[:, 1].min()), int(box[:, 2].max()), int(box[:, 3].max())
     labels = found.labels[y0:y1, x0:x1]
-    own = np.isin(labels, np.asarray(group) + 1)
-    part = np.where(own | (labels == 0), ink[y0:y1, x0:x1], 0.0)
-    rows = np.flatnonzero((own & (part > INK_THRESHOLD)).any(axis=1))
+    own = np.isin(labels, np.asarray(marks) + 1)
+    return Group(x0, y0, np.where(own | (labels == 0), ink[y0:y1, x0:x1], 0.0).astype(np.float32), own)
+
+
+def piece_of(group: Group, left: np.ndarray, right: np.ndarray):
+    """The group's ink between two cut paths (per row: from column left[r] up to right[r]),
+    cropped to its ink: (ink, (x0, y0, x1, y1) in the working image), or None if empty."""
+    cols = np.arange(group.ink.shape[1])
+    region = (cols >= left[:, None]) & (cols < right[:, None])
+    inked = region & group.own
+    rows, columns = np.flatnonzero(inked.any(axis=1)), np.flatnonzero(inked.any(axis=0))
     if not len(rows):
-        return None, 0
-    return part[rows[0]:rows[-1] + 1], y0 + int(rows[0])
+        return None
+    top, bottom, first, last = rows[0], rows[-1] + 1, columns[0], columns[-1] + 1
+    part = np.where(region, group.ink, 0.0)[top:bottom, first:last]
+    return part, (group.x0 + int(first), group.y0 + int(top), group.x0 + int(last), group.y0 + int(bottom))
+
+
+def cut_path(ink: np.ndarray, column: int, reach: int) -> np.ndarray:
+    """The path from top to bottom, starting anywhere and moving at most one column per row,
+    that crosses the least ink within `reach` columns of `column`: touching digits are cut
+    where they touch even when they lean into each other. (h,) the column of each row."""
+    height, width = ink.shape
+    low, high = max(0, column - reach), min(width, column + reach + 1)
+    cost = ink[:, low:high] + 0.02 * np.abs(np.arange(low, high) - column)[None, :]
+    total = cost[0].copy()
+    moves = np.zeros(cost.shape, np.int8)
+    for row in range(1, height):
+        options = np.stack([np.r_[np.inf, total[:-1]], total, np.r_[total[1:], np.inf]])
+        moves[row] = np.argmin(options, axis=0) - 1
+        total = cost[row] + options[moves[row] + 1, np.arange(len(total))]
+    path = np.empty(height, np.int64)
+    path[-1] = int(np.argmin(total))
+    for row in range(height - 1, 0, -1):
+        path[row - 1] = path[row] + moves[row, path[row]]
+    return path + low
 
 
 def cut_columns(profile: np.ndarray, height: int) -> list[int]:
@@ -206,52 +245,58 @@ def cut_columns(profile: np.ndarray, height: int) -> list[int]:
     return sorted(set(cuts))
 
 
-def aspect_prior(aspect: float) -> float:
-    return float(np.interp(aspect, *zip(*ASPECT_PRIOR)))
+def piece_scores(probabilities: np.ndarray, aspects: np.ndarray) -> np.ndarray:
+    """(N, classes) probabilities and (N,) width/height → (N,) log-scores: the best over the
+    classes of log p(class) plus the log-likelihood of that width for that class (for data
+    sets other than MNIST's ten digits: the top log-probability alone)."""
+    logp = np.log(np.clip(probabilities, 1e-9, 1.0))
+    if logp.shape[1] != len(LOG_ASPECT):
+        return logp.max(axis=1)
+    z = (np.log(aspects)[:, None] - LOG_ASPECT[None, :]) / LOG_ASPECT_SPREAD[None, :]
+    return (logp - 0.5 * z ** 2).max(axis=1)
 
 
-def split_group(ink: np.ndarray, found: Components, group: list[int], height: float, classify: Classify):
-    """A group → [(x0, x1), ...] column ranges of its digits: itself when it is as narrow as
-    a digit, else the cuts the classifier is most sure of (each extra piece costing
-    SPLIT_PENALTY), among pieces of a digit's width and height."""
-    box = found.boxes[group]
-    x0, y0, x1, y1 = int(box[:, 0].min()), int(box[:, 1].min()), int(box[:, 2].max()), int(box[:, 3].max())
-    width, height = x1 - x0, max(height, y1 - y0)
+def split_group(group: Group, height: float, classify: Classify) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A group → the (left, right) cut paths of its digits: itself when it is as narrow as a
+    digit, else the cuts whose pieces the classifier is most sure of, each piece's score
+    being `piece_scores` minus PIECE_COST."""
+    h, width = group.ink.shape
+    height = max(height, h)
+    edges = np.zeros(h, np.int64), np.full(h, width, np.int64)
     if width <= SPLIT_ASPECT * height:
-        return [(x0, x1)]
-    own = np.isin(found.labels[y0:y1, x0:x1], np.asarray(group) + 1)
-    profile = own.sum(axis=0).astype(np.float32)
-    nodes = [0, *cut_columns(profile, height), width]
-    spans, digits, prior = [], [], []
-    for i in range(len(nodes)):
-        for j in range(i + 1, len(nodes)):
-            span = nodes[j] - nodes[i]
+        return [edges]
+    profile = group.own.sum(axis=0).astype(np.float32)
+    reach = max(1, int(0.15 * height))
+    paths = [edges[0], *(cut_path(group.ink, c, reach) for c in cut_columns(profile, height)), edges[1]]
+    spans, digits, aspects = [], [], []
+    for i in range(len(paths)):
+        for j in range(i + 1, len(paths)):
+            span = np.median(paths[j] - paths[i])
             if span > MAX_PIECE_ASPECT * height:
                 break
             if span < MIN_PIECE_ASPECT * height:
                 continue
-            part, _ = piece_ink(ink, found, group, x0 + nodes[i], x0 + nodes[j])
-            if part is None or part.shape[0] < MIN_PIECE_HEIGHT * height:
+            piece = piece_of(group, paths[i], paths[j])
+            if piece is None or piece[0].shape[0] < MIN_PIECE_HEIGHT * height:
                 continue
             spans.append((i, j))
-            digits.append(fit_digit(part))
-            inked = np.flatnonzero((part > INK_THRESHOLD).any(axis=0))
-            prior.append(aspect_prior((inked[-1] - inked[0] + 1) / height))
+            digits.append(fit_digit(piece[0]))
+            aspects.append(piece[0].shape[1] / piece[0].shape[0])
     if not spans:
-        return [(x0, x1)]
-    scores = np.log(np.clip(classify(np.stack(digits)).max(axis=1), 1e-9, 1.0)) + np.array(prior) - PIECE_COST
+        return [edges]
+    scores = piece_scores(classify(np.stack(digits)), np.array(aspects)) - PIECE_COST
     score = {span: float(s) for span, s in zip(spans, scores)}
-    # best[j]: the best total score of pieces covering columns nodes[0]..nodes[j]
-    best, back = [0.0] + [-math.inf] * (len(nodes) - 1), [-1] * len(nodes)
-    for j in range(1, len(nodes)):
+    # best[j]: the best total score of pieces covering the group from its left edge to path j
+    best, back = [0.0] + [-math.inf] * (len(paths) - 1), [-1] * len(paths)
+    for j in range(1, len(paths)):
         for i in range(j):
             if (i, j) in score and best[i] + score[(i, j)] > best[j]:
                 best[j], back[j] = best[i] + score[(i, j)], i
     if back[-1] < 0:
-        return [(x0, x1)]
-    ranges, j = [], len(nodes) - 1
+        return [edges]
+    ranges, j = [], len(paths) - 1
     while j > 0:
-        ranges.append((x0 + nodes[back[j]], x0 + nodes[j]))
+        ranges.append((paths[back[j]], paths[j]))
         j = back[j]
     return ranges[::-1]
 
@@ -268,13 +313,13 @@ def segment(image: Image.Image, *, classify: Classify, source: str = "image") ->
     kept = drop_specks(found)
     height = digit_height(found, kept)
     pieces: list[Piece] = []
-    for group in join_strokes(found, kept, height):
-        for x0, x1 in split_group(ink, found, group, height, classify):
-            part, top = piece_ink(ink, found, group, x0, x1)
-            if part is None:
+    for marks in join_strokes(found, kept, height):
+        group = group_of(ink, found, marks)
+        for left, right in split_group(group, height, classify):
+            piece = piece_of(group, left, right)
+            if piece is None:
                 continue
-            cols = np.flatnonzero((part > INK_THRESHOLD).any(axis=0))
-            box = (x0 + int(cols[0]), top, x0 + int(cols[-1]) + 1, top + part.shape[0])
+            part, box = piece
             box = tuple(min(v * factor, limit) for v, limit in zip(box, (*image.size, *image.size)))
             pieces.append(Piece(box=box, digit=fit_digit(part, source=source)))
             if len(pieces) > MAX_DIGITS:
