@@ -40,9 +40,11 @@ MIN_PIECE_HEIGHT = 0.5  # a piece's ink is at least this fraction of a digit's h
 # and fonts). A piece scores as the class it is most likely to be, its width included.
 LOG_ASPECT = np.array([-0.105, -0.916, -0.051, -0.223, -0.223, -0.051, -0.357, -0.223, -0.223, -0.357])
 LOG_ASPECT_SPREAD = np.array([0.25, 0.454, 0.25, 0.25, 0.25, 0.252, 0.25, 0.25, 0.25, 0.25])
+NARROW_SPREAD = 0.5  # the spread on the narrow side
 PIECE_COST = 0.5  # nats: what each piece costs, so that a cut must be worth it
 MAX_CUTS = 24  # candidate cut columns tried per group
-MAX_DIGITS = 100  # more pieces than this is not a number; refused
+SEARCH_HEIGHT = 128  # pixels: taller groups are searched for cuts at this height
+MAX_DIGITS = 100  # more marks than this is not a number: refused
 
 Classify = Callable[[np.ndarray], np.ndarray]  # uint8 (N, 28, 28) → (N, classes) probabilities
 
@@ -252,7 +254,10 @@ def piece_scores(probabilities: np.ndarray, aspects: np.ndarray) -> np.ndarray:
     logp = np.log(np.clip(probabilities, 1e-9, 1.0))
     if logp.shape[1] != len(LOG_ASPECT):
         return logp.max(axis=1)
-    z = (np.log(aspects)[:, None] - LOG_ASPECT[None, :]) / LOG_ASPECT_SPREAD[None, :]
+    offset = np.log(aspects)[:, None] - LOG_ASPECT[None, :]
+    # narrower than usual is common in people's writing (a tall thin 0); wider is what two
+    # touching digits look like, so only width is held to MNIST's spread
+    z = offset / np.where(offset < 0, np.maximum(LOG_ASPECT_SPREAD, NARROW_SPREAD), LOG_ASPECT_SPREAD)
     return (logp - 0.5 * z ** 2).max(axis=1)
 
 
@@ -265,6 +270,15 @@ def split_group(group: Group, height: float, classify: Classify) -> list[tuple[n
     edges = np.zeros(h, np.int64), np.full(h, width, np.int64)
     if width <= SPLIT_ASPECT * height:
         return [edges]
+    step = math.ceil(h / SEARCH_HEIGHT)
+    if step > 1:  # search at SEARCH_HEIGHT pixels high, then scale the cuts back up
+        small = Group(0, 0, *(np.asarray(Image.fromarray(a.astype(np.float32), "F").resize(
+            (max(1, width // step), max(1, h // step)), Image.Resampling.BOX)) for a in (group.ink, group.own)))
+        small.own = small.own > 0.3
+        rows = np.minimum(np.arange(h) // step, small.ink.shape[0] - 1)
+        cuts = split_group(small, height / step, classify)
+        return [(left[rows] * step, np.where(right[rows] >= small.ink.shape[1], width, right[rows] * step))
+                for left, right in cuts]
     profile = group.own.sum(axis=0).astype(np.float32)
     reach = max(1, int(0.15 * height))
     paths = [edges[0], *(cut_path(group.ink, c, reach) for c in cut_columns(profile, height)), edges[1]]
@@ -312,8 +326,12 @@ def segment(image: Image.Image, *, classify: Classify, source: str = "image") ->
     found = components(ink > INK_THRESHOLD)
     kept = drop_specks(found)
     height = digit_height(found, kept)
+    groups = join_strokes(found, kept, height)
+    if len(groups) > MAX_DIGITS:
+        raise ImageError(f"{source}: {len(groups):,} separate marks; more than the {MAX_DIGITS} digits "
+                         "a number read here may have")
     pieces: list[Piece] = []
-    for marks in join_strokes(found, kept, height):
+    for marks in groups:
         group = group_of(ink, found, marks)
         for left, right in split_group(group, height, classify):
             piece = piece_of(group, left, right)
@@ -322,6 +340,4 @@ def segment(image: Image.Image, *, classify: Classify, source: str = "image") ->
             part, box = piece
             box = tuple(min(v * factor, limit) for v, limit in zip(box, (*image.size, *image.size)))
             pieces.append(Piece(box=box, digit=fit_digit(part, source=source)))
-            if len(pieces) > MAX_DIGITS:
-                raise ImageError(f"{source}: more than {MAX_DIGITS} marks; not a number this can read")
     return pieces
