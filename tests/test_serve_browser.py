@@ -30,6 +30,7 @@ import pytest
 from PIL import Image
 
 from conftest import user_png
+from test_numbers import number_strokes
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -239,6 +240,42 @@ def test_draw_digits_and_read_them(page):
     assert page.foreign_requests() == []
     predictions = [u for u in page.requests if "/api/predict" in u]
     assert predictions, "no prediction request was made"
+
+
+def test_number_mode_reads_a_written_number(page):
+    page.page.get_by_role("button", name="Number").click()
+    page.settle()
+    canvas = page.page.locator("#canvas").bounding_box()
+    assert abs(canvas["width"] / canvas["height"] - 2) < 0.05  # a wider canvas for a number
+    assert "number" in page.page.locator("#prompt").inner_text()
+    for text in ("42", "2026"):
+        page.draw(*number_strokes(text))
+        page.page.locator("#number-answer").wait_for(state="visible", timeout=15_000)
+        assert page.page.locator("#number").inner_text() == text, f"wrote {text}"
+        items = page.page.locator("#digits li")
+        assert items.count() == len(text)
+        for i, char in enumerate(text):
+            assert items.nth(i).locator(".name").inner_text() == char
+            source = items.nth(i).locator("img").get_attribute("src")
+            seen = Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1])))
+            assert seen.size == (28, 28) and np.asarray(seen).max() > 200
+        # a box is drawn around each digit read: the canvas holds the boxes' blue, column
+        # runs of it at each box's left edge
+        blue_columns = page.page.locator("#canvas").evaluate(
+            """c => { const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+                      const cols = new Set();
+                      for (let i = 0; i < d.length; i += 4)
+                        if (d[i] < 60 && d[i + 1] > 80 && d[i + 1] < 130 && d[i + 2] > 180) cols.add((i / 4) % c.width);
+                      return cols.size; }""")
+        assert blue_columns > 0
+        page.page.get_by_role("button", name="Clear").click()
+        page.settle()
+        assert page.page.locator("#prompt").is_visible() and not page.page.locator("#number-answer").is_visible()
+    assert any("/api/read" in u for u in page.requests)
+    assert page.foreign_requests() == []
+    page.page.get_by_role("button", name="Digit").click()  # and back: a square canvas, one digit
+    page.draw(*ONE)
+    assert page.shown() == "1"
 
 
 def test_upload_a_file(page, digits, tmp_path):
