@@ -35,7 +35,7 @@ from mnist_cnn.data import load_dataset  # noqa: E402
 from mnist_cnn.number import read_image  # noqa: E402
 from mnist_cnn.predict import make_predictor  # noqa: E402
 from mnist_cnn.preprocess import ImageError, preprocess  # noqa: E402
-from mnist_cnn.runs import model_or_default  # noqa: E402
+from mnist_cnn.runs import PRETRAINED_DIR, model_or_default  # noqa: E402
 from mnist_cnn.runtime import cpu_model  # noqa: E402
 
 FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
@@ -215,6 +215,14 @@ def summarise(records: list[dict]) -> tuple[str, dict]:
             if cell:
                 by_source.append([source, style, percent(sum(r["read"] == r["truth"] for r in cell), len(cell)),
                                   percent(sum(r["digits_right"] for r in cell), sum(r["length"] for r in cell))])
+    four = []
+    for touching in (False, True):
+        for source in ("mnist", "font"):
+            cell = [r for r in records if r["length"] == 4 and r["touching"] == touching and r["source"] == source]
+            if cell:
+                four.append(["one pair" if touching else "no", source, percent(sum(r["read"] == r["truth"] for r in cell), len(cell)),
+                             percent(sum(r["digits_right"] for r in cell), 4 * len(cell))])
+    text += "\n\n4-digit numbers by source:\n\n" + table(["touching", "digits from", "number right", "digits right"], four)
     text += "\n\nBy source and style (all lengths):\n\n" + table(["digits from", "style", "number right", "digits right"], by_source)
     singles = [r for r in records if r["length"] == 1]
     if singles:
@@ -240,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     model = model_or_default(args.model)
     predictor = make_predictor(model, device="cpu")
+    shipped = Path(model).resolve() in (PRETRAINED_DIR.resolve(), (PRETRAINED_DIR / "model.safetensors").resolve())
+    name = "the shipped model (src/mnist_cnn/pretrained)" if shipped else str(model)
     counts = {}
     for length in range(1, args.max_length + 1):
         for touching in ((False,) if length == 1 else (False, True)):
@@ -252,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     text, figures = summarise(records)
     today = datetime.date.today().isoformat()
     header = (f"# Reading whole numbers, {today}\n\n"
-              f"Model: {model} ({predictor.describe()['architecture']}, test accuracy "
+              f"Model: {name} ({predictor.describe()['architecture']}, test accuracy "
               f"{100 * (predictor.describe()['test_accuracy'] or 0):.2f} % per digit), its own unsure threshold "
               f"{predictor.min_confidence:.3f}. Machine: {cpu_model()}, {os.cpu_count()} logical CPUs, "
               f"Python {platform.python_version()}. {len(records)} numbers (seed {args.seed}), "
@@ -265,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"{today}-numbers.md").write_text(report)
         (args.out / f"{today}-numbers.json").write_text(json.dumps(
-            {"date": today, "model": str(model), "machine": cpu_model(), "cpus": os.cpu_count(),
+            {"date": today, "model": name, "machine": cpu_model(), "cpus": os.cpu_count(),
              "seed": args.seed, "seconds": seconds, "figures": figures, "records": records}, indent=1) + "\n")
     return 0
 

@@ -3,7 +3,8 @@ a real headless Chromium (Debian's `chromium`, driven by Playwright) drawing dig
 mouse stroke by stroke.
 
 Without /usr/bin/chromium the browser tests skip, except in CI (CI=true), where they fail.
-Set MNIST_CNN_SCREENSHOT=PATH to save a screenshot of the page with a drawn 7 (docs/serve.png).
+Set MNIST_CNN_SCREENSHOT=PATH to save a screenshot of the page with a drawn 7 (docs/serve.png),
+MNIST_CNN_NUMBER_SCREENSHOT=PATH one of number mode with 2026 (docs/reading-numbers.png).
 """
 
 from __future__ import annotations
@@ -268,6 +269,8 @@ def test_number_mode_reads_a_written_number(page):
                         if (d[i] < 60 && d[i + 1] > 80 && d[i + 1] < 130 && d[i + 2] > 180) cols.add((i / 4) % c.width);
                       return cols.size; }""")
         assert blue_columns > 0
+        if text == "2026" and os.environ.get("MNIST_CNN_NUMBER_SCREENSHOT"):
+            page.page.screenshot(path=os.environ["MNIST_CNN_NUMBER_SCREENSHOT"], full_page=True)
         page.page.get_by_role("button", name="Clear").click()
         page.settle()
         assert page.page.locator("#prompt").is_visible() and not page.page.locator("#number-answer").is_visible()

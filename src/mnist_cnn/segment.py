@@ -6,13 +6,17 @@ The ink is found as for one digit (`normalise_ink`, `INK_THRESHOLD`), then:
    over runs, no per-pixel Python);
 2. specks (tiny next to the largest mark) are dropped;
 3. strokes of one digit that do not touch (the bar of a 5, the top of a 7) are joined back:
-   a short mark that lies over or under another, horizontally, is part of it;
-4. a group wider than a digit may hold several touching digits: it is cut at columns where
-   the ink is thinnest, and of all the ways to cut it into pieces of a digit's width the one
-   the classifier is most sure of wins (the sum of the log of each piece's top probability).
+   a mark much shorter than a digit is never a digit of its own, it joins its neighbour;
+4. a group wider than half a digit's height may hold several touching digits: candidate
+   cuts start where the ink is thinnest and follow the path crossing the least ink, and of
+   all the ways to cut the group into pieces of a digit's size the one that scores best
+   wins: each piece scores as the class it most likely is (its log-probability plus how
+   usual its width is for that class), minus a cost per piece.
 
-Images with more than WORK_MAX_PIXELS pixels are scaled down first (time and memory stay
-bounded); boxes are given in the original image's pixels.
+Images with more than WORK_MAX_PIXELS pixels are scaled down first, and cuts are searched
+at most SEARCH_HEIGHT pixels high (time and memory stay bounded); boxes are given in the
+original image's pixels. Tuned on composed numbers (benchmarks/number_reading.py with
+seeds other than the one it reports).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ LOG_ASPECT = np.array([-0.105, -0.916, -0.051, -0.223, -0.223, -0.051, -0.357, -
 LOG_ASPECT_SPREAD = np.array([0.25, 0.454, 0.25, 0.25, 0.25, 0.252, 0.25, 0.25, 0.25, 0.25])
 NARROW_SPREAD = 0.5  # the spread on the narrow side
 PIECE_COST = 0.5  # nats: what each piece costs, so that a cut must be worth it
+MIN_CUT_CONFIDENCE = 0.7  # the top probability each piece of a cut group must reach
 MAX_CUTS = 24  # candidate cut columns tried per group
 SEARCH_HEIGHT = 128  # pixels: taller groups are searched for cuts at this height
 MAX_DIGITS = 100  # more marks than this is not a number: refused
@@ -298,8 +303,12 @@ def split_group(group: Group, height: float, classify: Classify) -> list[tuple[n
             aspects.append(piece[0].shape[1] / piece[0].shape[0])
     if not spans:
         return [edges]
-    scores = piece_scores(classify(np.stack(digits)), np.array(aspects)) - PIECE_COST
-    score = {span: float(s) for span, s in zip(spans, scores)}
+    probabilities = classify(np.stack(digits))
+    scores = piece_scores(probabilities, np.array(aspects)) - PIECE_COST
+    whole = (0, len(paths) - 1)
+    # a piece of a cut must itself look like a digit: half of a wide 5 rarely does
+    score = {span: float(s) for span, s, p in zip(spans, scores, probabilities.max(axis=1))
+             if span == whole or p >= MIN_CUT_CONFIDENCE}
     # best[j]: the best total score of pieces covering the group from its left edge to path j
     best, back = [0.0] + [-math.inf] * (len(paths) - 1), [-1] * len(paths)
     for j in range(1, len(paths)):
