@@ -169,6 +169,20 @@ def test_a_huge_image_is_read_in_bounded_time_and_memory(predictor):
     assert 380 <= x0 <= 440 and 440 <= y0 <= 480 and x1 <= 1520 and y1 >= 2300
 
 
+def test_a_phone_photo_turned_by_exif_is_read_upright(predictor):
+    image = written("42")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "turn 90 degrees clockwise to view": the pixels are stored turned
+    buffer = io.BytesIO()
+    image.transpose(Image.Transpose.ROTATE_90).save(buffer, format="PNG", exif=exif)
+    from mnist_cnn.api import read_number
+
+    turned = read_number(buffer.getvalue())
+    plain = read_number(image)
+    assert turned["text"] == plain["text"] == "42"
+    assert [d["box"] for d in turned["digits"]] == [d["box"] for d in plain["digits"]]
+
+
 def test_too_many_marks_are_refused(predictor):
     page = np.full((400, 400), 255, np.uint8)
     page[5:395:6, 5:395:6] = 0  # a grid of 4,225 dots, all alike: texture, not a number

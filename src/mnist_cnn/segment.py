@@ -71,17 +71,21 @@ class Components:
     areas: np.ndarray  # int (n,): ink pixels
 
 
-def working_image(image: Image.Image) -> tuple[Image.Image, int]:
-    """The image scaled down by a whole factor to at most WORK_MAX_PIXELS pixels, and the factor."""
+def working_image(image: Image.Image) -> tuple[Image.Image, int, tuple[int, int]]:
+    """The image turned upright (EXIF) and scaled down by a whole factor to at most
+    WORK_MAX_PIXELS pixels, the factor, and the upright image's size."""
     image = upright(image)
+    size = image.size
     factor = math.ceil(math.sqrt(image.width * image.height / WORK_MAX_PIXELS))
     if factor <= 1:
-        return image, 1
+        return image, 1, size
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif image.mode.startswith("I;16"):
+        image = image.convert("I")  # 16-bit values kept (to_gray scales "I" by its maximum)
     elif image.mode not in ("L", "LA", "RGB", "RGBA", "I", "F", "RGBa", "La"):
         image = image.convert("RGBA" if "A" in image.mode else "RGB")
-    return image.reduce(factor), factor
+    return image.reduce(factor), factor, size
 
 
 def components(mask: np.ndarray) -> Components:
@@ -327,12 +331,15 @@ def split_group(group: Group, height: float, classify: Classify) -> list[tuple[n
 def segment(image: Image.Image, *, classify: Classify, source: str = "image") -> list[Piece]:
     """The digits written in `image`, left to right (an empty list when there is no ink).
     `classify` scores candidate cuts of touching digits (a predictor's `probabilities`)."""
-    work, factor = working_image(image)
+    work, factor, size = working_image(image)
     try:
         ink = normalise_ink(to_gray(work))
     except ValueError as error:  # a mode Pillow cannot convert to grayscale
         raise ImageError(f"{source}: cannot read image mode {image.mode} ({error})") from None
-    found = components(ink > INK_THRESHOLD)
+    try:
+        found = components(ink > INK_THRESHOLD)
+    except ImageError as error:
+        raise ImageError(f"{source}: {error}") from None
     kept = drop_specks(found)
     height = digit_height(found, kept)
     groups = join_strokes(found, kept, height)
@@ -347,6 +354,7 @@ def segment(image: Image.Image, *, classify: Classify, source: str = "image") ->
             if piece is None:
                 continue
             part, box = piece
-            box = tuple(min(v * factor, limit) for v, limit in zip(box, (*image.size, *image.size)))
+            box = tuple(min(v * factor, limit) for v, limit in zip(box, (*size, *size)))
             pieces.append(Piece(box=box, digit=fit_digit(part, source=source)))
-    return pieces
+    # left to right by the middle of each box (a short mark joined to a digit can move its edge)
+    return sorted(pieces, key=lambda piece: piece.box[0] + piece.box[2])
