@@ -314,6 +314,11 @@
     $("mode-digit").setAttribute("aria-pressed", String(mode === "digit"));
     $("mode-number").setAttribute("aria-pressed", String(mode === "number"));
     $("h1-title").textContent = mode === "number" ? "Write a number" : "Draw a digit";
+    if (!state.digitHint) state.digitHint = $("hint").textContent;
+    $("hint").textContent = mode === "number"
+      ? "Write the digits side by side, or drop, paste or upload an image. Each digit read is boxed, "
+        + "and shown below as the 28×28 image the model saw."
+      : state.digitHint;
     clear(); // strokes drawn for one shape of canvas would be stretched on the other
   }
   $("mode-digit").addEventListener("click", () => setMode("digit"));
