@@ -243,6 +243,19 @@ def test_draw_digits_and_read_them(page):
     assert predictions, "no prediction request was made"
 
 
+CROSS = [[(0.25, 0.2), (0.75, 0.8)], [(0.75, 0.2), (0.25, 0.8)]]  # an X: no digit (33 % "8")
+
+
+def test_unsure_is_not_shown_as_a_digit(page):
+    page.draw(*CROSS)
+    assert page.shown() == "not a digit?"
+    assert page.page.locator("#probability").inner_text().startswith("unsure: best guess ")
+    page.page.get_by_role("button", name="Clear").click()
+    page.settle()
+    page.draw(*ONE)  # a digit again: the big digit is back
+    assert page.shown() == "1" and "unsure" not in page.page.locator("#probability").inner_text()
+
+
 def test_number_mode_reads_a_written_number(page):
     page.page.get_by_role("button", name="Number").click()
     page.settle()
