@@ -192,6 +192,23 @@ def test_too_many_marks_are_refused(predictor):
     assert time.perf_counter() - started < 5
 
 
+def test_odd_images_give_pieces_or_a_clear_error(predictor):
+    """Noise, lines, one-pixel and extreme-aspect images in every mode: a list of 28x28
+    digits with boxes inside the image, or ImageError; never another exception."""
+    rng = np.random.default_rng(1)
+    for case in range(40):
+        width, height = int(rng.integers(1, 160)), int(rng.integers(1, 90))
+        pixels = (rng.random((height, width)) < rng.choice([0.0, 0.02, 0.3, 0.9])) * 255
+        image = Image.fromarray(pixels.astype(np.uint8)).convert(["L", "RGB", "RGBA", "P", "1", "I", "F"][case % 7])
+        try:
+            pieces = segment(image, classify=predictor.probabilities)
+        except ImageError:
+            continue
+        for piece in pieces:
+            x0, y0, x1, y1 = piece.box
+            assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height and piece.digit.shape == (28, 28)
+
+
 # ---- the CLI and the Python API --------------------------------------------------------
 
 def test_cli_plain_and_json(tmp_path, shipped_model):
