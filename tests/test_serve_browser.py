@@ -3,7 +3,8 @@ a real headless Chromium (Debian's `chromium`, driven by Playwright) drawing dig
 mouse stroke by stroke.
 
 Without /usr/bin/chromium the browser tests skip, except in CI (CI=true), where they fail.
-Set MNIST_CNN_SCREENSHOT=PATH to save a screenshot of the page with a drawn 7 (docs/serve.png).
+Set MNIST_CNN_SCREENSHOT=PATH to save a screenshot of the page with a drawn 7 (docs/serve.png),
+MNIST_CNN_NUMBER_SCREENSHOT=PATH one of number mode with 2026 (docs/reading-numbers.png).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import pytest
 from PIL import Image
 
 from conftest import user_png
+from test_numbers import number_strokes
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -239,6 +241,57 @@ def test_draw_digits_and_read_them(page):
     assert page.foreign_requests() == []
     predictions = [u for u in page.requests if "/api/predict" in u]
     assert predictions, "no prediction request was made"
+
+
+CROSS = [[(0.25, 0.2), (0.75, 0.8)], [(0.75, 0.2), (0.25, 0.8)]]  # an X: no digit (33 % "8")
+
+
+def test_unsure_is_not_shown_as_a_digit(page):
+    page.draw(*CROSS)
+    assert page.shown() == "not a digit?"
+    assert page.page.locator("#probability").inner_text().startswith("unsure: best guess ")
+    page.page.get_by_role("button", name="Clear").click()
+    page.settle()
+    page.draw(*ONE)  # a digit again: the big digit is back
+    assert page.shown() == "1" and "unsure" not in page.page.locator("#probability").inner_text()
+
+
+def test_number_mode_reads_a_written_number(page):
+    page.page.get_by_role("button", name="Number").click()
+    page.settle()
+    canvas = page.page.locator("#canvas").bounding_box()
+    assert abs(canvas["width"] / canvas["height"] - 2) < 0.05  # a wider canvas for a number
+    assert "number" in page.page.locator("#prompt").inner_text()
+    for text in ("42", "2026"):
+        page.draw(*number_strokes(text))
+        page.page.locator("#number-answer").wait_for(state="visible", timeout=15_000)
+        assert page.page.locator("#number").inner_text() == text, f"wrote {text}"
+        items = page.page.locator("#digits li")
+        assert items.count() == len(text)
+        for i, char in enumerate(text):
+            assert items.nth(i).locator(".name").inner_text() == char
+            source = items.nth(i).locator("img").get_attribute("src")
+            seen = Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1])))
+            assert seen.size == (28, 28) and np.asarray(seen).max() > 200
+        # a box is drawn around each digit read: the canvas holds the boxes' blue, column
+        # runs of it at each box's left edge
+        blue_columns = page.page.locator("#canvas").evaluate(
+            """c => { const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+                      const cols = new Set();
+                      for (let i = 0; i < d.length; i += 4)
+                        if (d[i] < 60 && d[i + 1] > 80 && d[i + 1] < 130 && d[i + 2] > 180) cols.add((i / 4) % c.width);
+                      return cols.size; }""")
+        assert blue_columns > 0
+        if text == "2026" and os.environ.get("MNIST_CNN_NUMBER_SCREENSHOT"):
+            page.page.screenshot(path=os.environ["MNIST_CNN_NUMBER_SCREENSHOT"], full_page=True)
+        page.page.get_by_role("button", name="Clear").click()
+        page.settle()
+        assert page.page.locator("#prompt").is_visible() and not page.page.locator("#number-answer").is_visible()
+    assert any("/api/read" in u for u in page.requests)
+    assert page.foreign_requests() == []
+    page.page.get_by_role("button", name="Digit").click()  # and back: a square canvas, one digit
+    page.draw(*ONE)
+    assert page.shown() == "1"
 
 
 def test_upload_a_file(page, digits, tmp_path):

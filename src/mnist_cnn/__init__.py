@@ -29,6 +29,7 @@ _API = {  # public name: (module, name there)
     "evaluate_model": ("mnist_cnn.api", "evaluate_model"),
     "load_model": ("mnist_cnn.api", "load_model"),
     "predict_images": ("mnist_cnn.api", "predict_images"),
+    "read_number": ("mnist_cnn.api", "read_number"),
 }
 __all__ = ["MnistCnnError", *_API]
 

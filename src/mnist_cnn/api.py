@@ -77,3 +77,31 @@ def predict_images(images: Iterable[Any] | np.ndarray, *, model: str | Path | No
     device = _device(device) if backend == "torch" else "cpu"  # onnxruntime: no torch import
     predictor = make_predictor(model_or_default(model), backend=backend, device=device)
     return predictor.probabilities(digits)
+
+
+def read_number(image: Any, *, model: str | Path | None = None, backend: str = "torch", device: str = "cpu",
+                min_confidence: float | None = None) -> dict[str, Any]:
+    """Every digit written in one image, left to right, as `mnist-cnn predict --number` reads
+    it: {"text": "2026", "digits": [{"label", "name", "probability", "unsure", "box"}, ...]}.
+    `image` is a file path, encoded bytes, a PIL image or a 2-D/3-D uint8 array (any size);
+    `text` has "?" where a digit is below `min_confidence` (default: the model's threshold);
+    `box` is [x0, y0, x1, y1] in the image's pixels. Raises MnistCnnError (ImageError) when
+    the image holds no digit."""
+    from PIL import Image
+
+    from mnist_cnn.number import read_image
+    from mnist_cnn.predict import make_predictor
+    from mnist_cnn.preprocess import open_image
+
+    if isinstance(image, (str, Path, bytes)):
+        source = "image" if isinstance(image, bytes) else str(image)
+        image = open_image(image)
+    else:
+        source = "image"
+        if isinstance(image, np.ndarray):
+            image = Image.fromarray(image)
+    predictor = make_predictor(model_or_default(model), backend=backend, device=device)
+    if min_confidence is None:
+        min_confidence = predictor.min_confidence
+    reading = read_image(predictor, image, min_confidence=min_confidence, source=source)
+    return {"text": reading.text, "digits": reading.digits}

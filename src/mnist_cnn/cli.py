@@ -241,6 +241,9 @@ def add_predict_parser(subparsers) -> None:
     p.add_argument("--top", type=POSITIVE_INT, default=1, metavar="K", help="show the K most likely classes (default: 1)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--save-preprocessed", metavar="DIR", help="write the 28x28 image the model saw to DIR")
+    p.add_argument("--number", action="store_true",
+                   help="read every digit in each image, left to right, as one number "
+                        "(docs/reading-numbers.md); --json adds text and digits with their boxes")
     p.add_argument("--min-confidence", type=value_parser(float, Check("probability in [0, 1]", lambda v: 0 <= v <= 1)),
                    metavar="P", help="answer 'unsure' when the top probability is below P (default: the "
                    "model's own threshold, fitted on its validation split so that 99%% of correct answers "
@@ -257,6 +260,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     device = chosen_device(args.device) if args.backend == "torch" else "cpu"  # onnxruntime: no torch
     predictor = make_predictor(chosen_models(args.model), backend=args.backend, device=device)
+    if args.number:
+        return print_numbers(predictor, args)
     results = predict_files(predictor, args.images, save_preprocessed=args.save_preprocessed,
                             min_confidence=args.min_confidence)
     for result in results:
@@ -265,6 +270,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
         else:
             print(result.to_text(args.top), file=sys.stderr if result.error else sys.stdout, flush=True)
     return exits.FAILED if any(result.error for result in results) else exits.OK
+
+
+def print_numbers(predictor, args: argparse.Namespace) -> int:
+    """predict --number: one line (or JSON object) per image."""
+    from mnist_cnn.number import read_number_files
+
+    if args.save_preprocessed or args.top != 1:
+        raise MnistCnnError("--number cannot be combined with --save-preprocessed or --top")
+    readings = read_number_files(predictor, args.images, min_confidence=args.min_confidence)
+    for reading in readings:
+        if args.json:
+            print(json.dumps(reading.to_json()), flush=True)
+        else:
+            print(reading.to_text(), file=sys.stderr if reading.error else sys.stdout, flush=True)
+    return exits.FAILED if any(reading.error for reading in readings) else exits.OK
 
 
 def add_show_parser(subparsers) -> None:

@@ -220,6 +220,13 @@ def preprocess(image: Image.Image, *, source: str = "image") -> np.ndarray:
         ink = normalise_ink(to_gray(upright(image)))
     except ValueError as error:  # a mode Pillow cannot convert to grayscale
         raise ImageError(f"{source}: cannot read image mode {image.mode} ({error})") from None
+    return fit_digit(ink, source=source)
+
+
+def fit_digit(ink: np.ndarray, *, source: str = "image") -> np.ndarray:
+    """Normalised ink (white on black, in [0, 1]) → uint8 (28, 28): cropped to the ink, fitted
+    into 20×20 and centred by centre of mass, as MNIST's digits were. (Also each piece of a
+    number: mnist_cnn.segment.)"""
     mask = ink > INK_THRESHOLD
     if not mask.any():
         raise ImageError(f"{source}: no digit found (the image is blank or has no contrast)")

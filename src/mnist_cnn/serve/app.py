@@ -26,7 +26,7 @@ from mnist_cnn.serve.metrics import Metrics
 from mnist_cnn.serve.middleware import Guard
 from mnist_cnn.serve.models import ServedModel, describe_model, load_models, model_name
 from mnist_cnn.serve.routers import metrics as metrics_routes
-from mnist_cnn.serve.routers import page, predict, service
+from mnist_cnn.serve.routers import page, predict, read, service
 from mnist_cnn.serve.settings import ServeSettings
 
 __all__ = ["ServeSettings", "ServedModel", "create_app", "describe_model", "load_models", "model_name"]
@@ -55,6 +55,7 @@ def create_app(settings: ServeSettings, *, models: list[ServedModel] | None = No
     add_error_handlers(app)
     add_middleware(app, settings, state.metrics)
     app.include_router(predict.router)
+    app.include_router(read.router)
     app.include_router(service.router)
     app.include_router(metrics_routes.router)
     page.mount_page(app)

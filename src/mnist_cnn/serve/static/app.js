@@ -1,17 +1,27 @@
 // The drawing page of `mnist-cnn serve`. The server does all the image work: the drawing is
 // sent as a PNG to /api/predict, which runs it through MNIST's normalisation (the same as
 // `mnist-cnn predict`) and returns the 28x28 image the model saw, shown under the bars.
+// In "number" mode the canvas is twice as wide and the drawing goes to /api/read, which
+// reads every digit left to right (`mnist-cnn predict --number`): the page draws a box
+// around each digit it read and shows each one's 28x28 image.
 "use strict";
 (() => {
-  const EXPORT_SIZE = 280; // the PNG sent: black ink on a 280x280 white page; brush widths are in its pixels
+  const EXPORT_SIZE = 280; // the PNG sent: black ink on a 280-pixel-high white page; brush widths are in its pixels
+  const ASPECT = { digit: 1, number: 2 }; // the canvas' width / height in each mode
   const LIVE_MS = 150; // at most one live prediction per this many ms while drawing
-  const PROMPT = "Draw a digit in the box, or upload an image.";
+  const PROMPTS = {
+    digit: "Draw a digit in the box, or upload an image.",
+    number: "Write a number in the box (digits side by side), or upload an image.",
+  };
 
   const $ = (id) => document.getElementById(id);
   const canvas = $("canvas");
   const context = canvas.getContext("2d");
   const result = document.querySelector(".result");
   const state = {
+    mode: "digit",
+    boxes: [], // in number mode: the digits read, [x0, y0, x1, y1] in the sent image's pixels
+    boxesOf: null, // the size of the image the boxes are in: {width, height}
     strokes: [], // each {width, points: [[x, y], ...]} with x, y in [0, 1]
     current: null,
     picture: null, // an uploaded image shown on the canvas (drawing starts afresh)
@@ -25,17 +35,19 @@
 
   // ---- drawing -------------------------------------------------------------------------
   function fitCanvas() {
-    const side = Math.round(canvas.getBoundingClientRect().width * (window.devicePixelRatio || 1));
-    if (side > 0 && canvas.width !== side) {
-      canvas.width = side;
-      canvas.height = side;
+    const box = canvas.getBoundingClientRect();
+    const width = Math.round(box.width * (window.devicePixelRatio || 1));
+    const height = Math.round(width / ASPECT[state.mode]);
+    if (width > 0 && (canvas.width !== width || canvas.height !== height)) {
+      canvas.width = width;
+      canvas.height = height;
     }
-    render(context, canvas.width, true);
+    render(context, canvas.width, canvas.height, true);
   }
 
-  function drawStroke(ctx, stroke, size) {
-    const points = stroke.points.map(([x, y]) => [x * size, y * size]);
-    ctx.lineWidth = (stroke.width / EXPORT_SIZE) * size;
+  function drawStroke(ctx, stroke, width, height) {
+    const points = stroke.points.map(([x, y]) => [x * width, y * height]);
+    ctx.lineWidth = (stroke.width / EXPORT_SIZE) * height;
     if (points.length === 1) {
       ctx.beginPath();
       ctx.arc(points[0][0], points[0][1], ctx.lineWidth / 2, 0, 2 * Math.PI);
@@ -56,18 +68,35 @@
     ctx.stroke();
   }
 
-  function render(ctx, size, withPicture) {
+  // Where an image of `of` pixels lies on a canvas of width x height: fitted and centred
+  // (an upload), or filling it (a drawing, sent at the canvas' own aspect).
+  function placement(of, width, height) {
+    const scale = Math.min(width / of.width, height / of.height);
+    return { scale, left: (width - of.width * scale) / 2, top: (height - of.height * scale) / 2 };
+  }
+
+  function render(ctx, width, height, onScreen) {
     ctx.fillStyle = "#fff";
-    ctx.fillRect(0, 0, size, size);
-    if (withPicture && state.picture) {
+    ctx.fillRect(0, 0, width, height);
+    if (onScreen && state.picture) {
       const p = state.picture;
-      const scale = Math.min(size / p.width, size / p.height);
-      const w = p.width * scale, h = p.height * scale;
-      ctx.drawImage(p, (size - w) / 2, (size - h) / 2, w, h);
+      const at = placement(p, width, height);
+      ctx.drawImage(p, at.left, at.top, p.width * at.scale, p.height * at.scale);
     }
     ctx.strokeStyle = ctx.fillStyle = "#000";
     ctx.lineCap = ctx.lineJoin = "round";
-    for (const stroke of state.strokes) drawStroke(ctx, stroke, size);
+    for (const stroke of state.strokes) drawStroke(ctx, stroke, width, height);
+    if (onScreen && state.boxes.length && state.boxesOf) {
+      // the digits read, each framed (in number mode)
+      const at = placement(state.boxesOf, width, height);
+      ctx.save();
+      ctx.strokeStyle = "#1a66d2";
+      ctx.lineWidth = Math.max(1.5, height / 140);
+      for (const [x0, y0, x1, y1] of state.boxes) {
+        ctx.strokeRect(at.left + x0 * at.scale, at.top + y0 * at.scale, (x1 - x0) * at.scale, (y1 - y0) * at.scale);
+      }
+      ctx.restore();
+    }
   }
 
   function pointOf(event) {
@@ -87,6 +116,7 @@
     }
     state.current = { width: Number($("brush").value), points: [pointOf(event)] };
     state.strokes.push(state.current);
+    state.boxes = [];
     updateButtons();
     fitCanvas();
   });
@@ -122,6 +152,7 @@
     state.current = null;
     state.picture = null;
     state.upload = null;
+    state.boxes = [];
     $("source").textContent = "";
     fitCanvas();
     updateButtons();
@@ -154,17 +185,19 @@
     clearTimeout(state.timer);
     state.timer = null;
     if (state.upload) return send(state.upload, state.upload.name || "pasted image");
-    if (!state.strokes.length) return showPrompt(PROMPT); // a blank canvas is never a prediction
+    if (!state.strokes.length) return showPrompt(PROMPTS[state.mode]); // a blank canvas is never a prediction
     result.dataset.pending = "true";
     const page = document.createElement("canvas");
-    page.width = page.height = EXPORT_SIZE;
+    page.height = EXPORT_SIZE;
+    page.width = EXPORT_SIZE * ASPECT[state.mode];
     const ctx = page.getContext("2d");
-    render(ctx, EXPORT_SIZE, false);
-    page.toBlob((blob) => { if (blob) send(blob, null); }, "image/png");
+    render(ctx, page.width, page.height, false);
+    page.toBlob((blob) => { if (blob) send(blob, null, { width: page.width, height: page.height }); }, "image/png");
   }
 
-  async function send(blob, name) {
+  async function send(blob, name, size) {
     const id = ++state.request;
+    const mode = state.mode;
     if (state.controller) state.controller.abort();
     state.controller = new AbortController();
     result.dataset.pending = "true";
@@ -174,14 +207,16 @@
     if (state.model) query.set("model", state.model);
     let reply, body;
     try {
-      reply = await fetch(`api/predict?${query}`, { method: "POST", body: form, signal: state.controller.signal });
+      const route = mode === "number" ? "api/read" : "api/predict";
+      reply = await fetch(`${route}?${query}`, { method: "POST", body: form, signal: state.controller.signal });
       body = await reply.json();
     } catch (error) {
       if (id !== state.request) return; // superseded by a newer request
       return showError(error.name === "AbortError" ? "cancelled" : "the server did not answer");
     }
     if (id !== state.request) return;
-    if (reply.ok) showResult(body, name);
+    if (reply.ok && mode === "number") showNumber(body, name, size || state.picture);
+    else if (reply.ok) showResult(body, name);
     else if (reply.status === 422 && /no digit found/.test(body.error || "")) showPrompt("No digit found: draw a bigger or darker one.");
     else showError(body.error || `error ${reply.status}`);
   }
@@ -193,9 +228,13 @@
 
   function showResult(body, name) {
     const classes = classesOf(body.model) || body.probabilities.map((_, i) => String(i));
-    // Below the model's calibrated threshold the answer is "unsure", as `mnist-cnn predict` says.
-    $("label").textContent = body.unsure ? `${body.name}?` : body.name;
-    $("probability").textContent = (body.unsure ? "unsure: " : "") + `${(100 * body.probability).toFixed(1)}%`;
+    // Below the model's calibrated threshold the answer is "unsure", as `mnist-cnn predict`
+    // says: maybe not a digit at all, so no big digit is shown, only the best guess.
+    $("label").textContent = body.unsure ? "not a digit?" : body.name;
+    $("label").classList.toggle("unsure", Boolean(body.unsure));
+    $("probability").textContent = body.unsure
+      ? `unsure: best guess ${body.name} (${(100 * body.probability).toFixed(1)}%)`
+      : `${(100 * body.probability).toFixed(1)}%`;
     const bars = $("bars");
     if (bars.children.length !== classes.length || bars.dataset.model !== body.model) {
       bars.replaceChildren(...classes.map((cls) => {
@@ -218,7 +257,31 @@
     $("source").textContent = name ? `from ${name}` : "";
     $("prompt").hidden = true;
     $("error").hidden = true;
+    $("number-answer").hidden = true;
     $("answer").hidden = false;
+    result.dataset.pending = "false";
+  }
+
+  function showNumber(body, name, size) {
+    $("number").textContent = body.text;
+    $("digits").replaceChildren(...body.digits.map((digit) => {
+      const item = document.createElement("li");
+      item.innerHTML = '<img alt="" width="56" height="56"><span class="name"></span><span class="value"></span>';
+      item.classList.toggle("unsure", digit.unsure);
+      item.querySelector("img").src = `data:image/png;base64,${digit.preprocessed}`;
+      item.querySelector("img").alt = `the 28×28 image the model saw for ${digit.unsure ? "an unsure" : "the"} ${digit.name}`;
+      item.querySelector(".name").textContent = digit.unsure ? `${digit.name}?` : digit.name;
+      item.querySelector(".value").textContent = `${(100 * digit.probability).toFixed(1)}%`;
+      return item;
+    }));
+    state.boxes = body.digits.map((digit) => digit.box);
+    state.boxesOf = size ? { width: size.width, height: size.height } : null;
+    fitCanvas();
+    $("source").textContent = name ? `from ${name}` : "";
+    $("prompt").hidden = true;
+    $("error").hidden = true;
+    $("answer").hidden = true;
+    $("number-answer").hidden = false;
     result.dataset.pending = "false";
   }
 
@@ -228,7 +291,9 @@
     $("prompt").textContent = message;
     $("prompt").hidden = false;
     $("answer").hidden = true;
+    $("number-answer").hidden = true;
     $("error").hidden = true;
+    state.boxes = [];
     result.dataset.pending = "false";
   }
 
@@ -236,14 +301,34 @@
     $("error").textContent = message;
     $("error").hidden = false;
     $("answer").hidden = true;
+    $("number-answer").hidden = true;
     $("prompt").hidden = true;
     result.dataset.pending = "false";
   }
+
+  // ---- modes: one digit, or a number ----------------------------------------------------
+  function setMode(mode) {
+    if (mode === state.mode) return;
+    state.mode = mode;
+    document.body.classList.toggle("number-mode", mode === "number");
+    $("mode-digit").setAttribute("aria-pressed", String(mode === "digit"));
+    $("mode-number").setAttribute("aria-pressed", String(mode === "number"));
+    $("h1-title").textContent = mode === "number" ? "Write a number" : "Draw a digit";
+    if (!state.digitHint) state.digitHint = $("hint").textContent;
+    $("hint").textContent = mode === "number"
+      ? "Write the digits side by side, or drop, paste or upload an image. Each digit read is boxed, "
+        + "and shown below as the 28×28 image the model saw."
+      : state.digitHint;
+    clear(); // strokes drawn for one shape of canvas would be stretched on the other
+  }
+  $("mode-digit").addEventListener("click", () => setMode("digit"));
+  $("mode-number").addEventListener("click", () => setMode("number"));
 
   // ---- images from files: upload button, drag and drop, paste ----------------------------
   async function useFile(file) {
     if (!file) return;
     state.strokes = [];
+    state.boxes = [];
     state.upload = file;
     try {
       state.picture = await createImageBitmap(file);
