@@ -202,6 +202,7 @@ def test_rerunning_continues_the_study(clean_sweep, tiny_data, tmp_path):
     assert all((folder / "default" / name).is_file() for name in ("trials.md", "history.png", "importance.png"))
     missing = cli("sweep", "--summary", "--study", "nope", "--sweep-dir", str(folder))
     assert_one_line_error(missing, "no study 'nope'")
+    assert not (folder / "nope").exists()
 
 
 def test_objective_never_reads_the_test_split(clean_sweep, poisoned_data, tmp_path):
@@ -217,16 +218,23 @@ def test_objective_never_reads_the_test_split(clean_sweep, poisoned_data, tmp_pa
                                             .read_text())["evaluation"]["accuracy"]
 
 
-def test_time_to_unreached_is_not_a_number_and_timeout_stops(tmp_path, tiny_data):
-    result = cli("sweep", *recipe(tiny_data, epochs=1), "--space", "lr=log:1e-4..1e-3", "--trials", "50",
-                 "--objective", "time_to:0.999", "--timeout", "0.001", "--sweep-dir", str(tmp_path))
+def test_time_to_unreached_is_not_a_number(tmp_path, tiny_data):
+    result = cli("sweep", *recipe(tiny_data, epochs=1), "--space", "lr=log:1e-4..1e-3", "--trials", "1",
+                 "--objective", "time_to:0.999", "--sweep-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     document = summary(tmp_path)
-    assert document["n_pruned"] == document["n_not_reached"] == 1  # one trial, then the timeout
+    assert document["n_pruned"] == document["n_not_reached"] == 1 and document["n_complete"] == 0
     assert document["best_value"] is None and document["direction"] == "minimize"
     assert "not reached 0.999" in (tmp_path / "default" / "trials.md").read_text()
     with Image.open(tmp_path / "default" / "importance.png") as image:  # says why there is none
         image.load()
+
+
+def test_timeout_starts_no_new_trial(tmp_path, tiny_data):
+    result = cli("sweep", *recipe(tiny_data, epochs=1), "--space", "lr=log:1e-4..1e-3", "--trials", "50",
+                 "--timeout", "0.001", "--sweep-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "--timeout 0.001s reached" in result.stdout and len(load(tmp_path).trials) <= 1
 
 
 def test_journal_file_storage_continues(tmp_path, tiny_data):

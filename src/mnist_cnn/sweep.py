@@ -312,6 +312,8 @@ def load_study(options: SweepOptions, *, create: bool):
     import optuna
 
     if options.storage is None:
+        if not create and not (options.folder / "study.db").is_file():
+            raise SweepError(f"no study {options.study!r} in {options.folder} (no study.db there)")
         options.folder.mkdir(parents=True, exist_ok=True)
     storage = open_storage(options.storage_url, heartbeat=options.heartbeat)
     try:
@@ -423,6 +425,13 @@ def finished_count(study) -> int:
     return sum(counts_as_finished(trial, retried) for trial in trials)
 
 
+def waiting(study) -> bool:
+    """Trials queued to run again (interrupted ones): run even once the count is reached."""
+    from optuna.trial import TrialState
+
+    return bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -440,6 +449,11 @@ def recover_interrupted(study, *, log: Log) -> int:
     from optuna.storages import RetryHeartbeatStaleTrialCallback
     from optuna.trial import TrialState
 
+    from optuna.storages import fail_stale_trials
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+
+    if is_heartbeat_enabled(study._storage):  # other machines' trials silent for 3 beats
+        fail_stale_trials(study)  # (the storage's callback queues them again)
     host, queued = socket.gethostname(), 0
     trials = study.get_trials(deepcopy=False)
     retried = retried_numbers(trials)
@@ -458,16 +472,19 @@ def recover_interrupted(study, *, log: Log) -> int:
     return queued
 
 
-def run_worker(options: SweepOptions, index: int = 0, *, log: Log = print) -> None:
-    """Run trials until the study holds `options.trials` finished ones (or the timeout)."""
+def run_worker(options: SweepOptions, index: int = 0, *, log: Log = print,
+               started: Callable[[], None] = lambda: None) -> None:
+    """Run trials until the study holds `options.trials` finished ones and no queued retry
+    (or the timeout); `started` is called once ready to run them, before the first."""
     from mnist_cnn.train import TrainingDiverged
 
     study = load_study(options, create=True)
     study.sampler = make_sampler(sampler_seed(options.seed, worker=index, trials_so_far=len(study.trials)))
     study.pruner = make_pruner(options.pruner)
     objective = make_objective(options, log=log)
+    started()
     deadline = None if options.timeout is None else time.monotonic() + options.timeout
-    while finished_count(study) < options.trials:
+    while finished_count(study) < options.trials or waiting(study):
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
             log(f"--timeout {options.timeout:g}s reached")
@@ -476,13 +493,14 @@ def run_worker(options: SweepOptions, index: int = 0, *, log: Log = print) -> No
         study.optimize(objective, n_trials=1, catch=(TrainingDiverged,))
 
 
-def worker_process(options: SweepOptions, index: int, threads: int) -> None:
+def worker_process(options: SweepOptions, index: int, threads: int, ready) -> None:
     """The body of one of --workers K processes."""
     import torch
 
     torch.set_num_threads(threads)
     try:
-        run_worker(options, index, log=lambda message: print(f"[worker {index}] {message}", flush=True))
+        run_worker(options, index, log=lambda message: print(f"[worker {index}] {message}", flush=True),
+                   started=ready.set)
     except KeyboardInterrupt:
         raise SystemExit(130)
     except MnistCnnError as error:
@@ -497,12 +515,17 @@ def run_workers(options: SweepOptions, *, log: Log) -> None:
 
     context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch's threads
     threads = max(1, (os.cpu_count() or 1) // options.workers)
-    processes = [context.Process(target=worker_process, args=(options, index, threads))
+    ready = [context.Event() for _ in range(1, options.workers)]
+    processes = [context.Process(target=worker_process, args=(options, index, threads, ready[index - 1]))
                  for index in range(1, options.workers)]
     for process in processes:
         process.start()
     torch.set_num_threads(threads)
     try:
+        # Start together: this process (torch already imported) would otherwise take every
+        # trial of a short sweep before the others have imported theirs.
+        while not all(event.is_set() or not process.is_alive() for event, process in zip(ready, processes)):
+            time.sleep(0.05)
         run_worker(options, 0, log=lambda message: log(f"[worker 0] {message}"))
     finally:  # on Ctrl-C too: the workers got it as well, and save and stop
         for process in processes:
@@ -524,10 +547,15 @@ def run_sweep(options: SweepOptions, *, log: Log = print) -> dict[str, Any]:
     done = finished_count(study)
     if done:
         log(f"study {options.study!r}: {done} finished trial(s) kept, continuing to {options.trials}")
-    if options.workers > 1:
-        run_workers(options, log=log)
-    else:
-        run_worker(options, log=log)
+    try:
+        if options.workers > 1:
+            run_workers(options, log=log)
+        else:
+            run_worker(options, log=log)
+    except KeyboardInterrupt:  # what is finished is summarised; the same command continues
+        write_summary(options)
+        log(f"interrupted: run the same command again to continue study {options.study!r}")
+        raise
     return write_summary(options)
 
 
