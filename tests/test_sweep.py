@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import assert_one_line_error, cli, write_dataset
-from mnist_cnn.sweep import Objective, Param, base_config, build_space, parse_param, read_space_file
+from mnist_cnn.sweep import Objective, Param, base_config, build_space, parse_param, read_space_file, redact
 
 TRAIN, TEST = 500, 100
 
@@ -94,7 +94,7 @@ def test_space_specs_parse(name, spec, expected):
     (["--space", "lr=normal:1..2"], "unknown kind"),
     (["--space", "lr=1e-3"], "LOW..HIGH"),
     (["--space", "lr"], "FIELD=SPEC"),
-    (["--space", "epochs=int:2..x"], "'x' is not a int"),
+    (["--space", "epochs=int:2..x"], "'x' is not an integer"),
     (["--space", "rotate=0..200"], "angle of 0 to 180"),
     (["--space", "batch_size=choice:64,64"], "distinct choices"),
     (["--space", "loss=choice:ce,hinge"], "hinge"),
@@ -132,6 +132,12 @@ def test_a_sweep_holds_out_a_validation_split_by_default_and_keeps_fixed_flags()
     config = base_config("fast", {"epochs": 2}, space)
     assert config.val_size == 5000 and config.epochs == 2 and config.schedule == "onecycle"
     assert base_config("best", {}, space).val_size == 5000  # the preset's own
+
+
+def test_storage_urls_are_shown_without_their_password():
+    assert redact("postgresql://sweeper:s3cret@db:5432/sweeps") == "postgresql://sweeper:***@db:5432/sweeps"
+    assert redact("postgresql://sweeper@db/sweeps") == "postgresql://sweeper@db/sweeps"
+    assert redact("sqlite:///sweeps/default/study.db") == "sqlite:///sweeps/default/study.db"
 
 
 def test_objectives_read_validation_records_only():
@@ -220,11 +226,12 @@ def test_objective_never_reads_the_test_split(clean_sweep, poisoned_data, tmp_pa
 
 def test_time_to_unreached_is_not_a_number(tmp_path, tiny_data):
     result = cli("sweep", *recipe(tiny_data, epochs=1), "--space", "lr=log:1e-4..1e-3", "--trials", "1",
-                 "--objective", "time_to:0.999", "--sweep-dir", str(tmp_path))
+                 "--objective", "time_to:0.999", "--pruner", "hyperband", "--sweep-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     document = summary(tmp_path)
     assert document["n_pruned"] == document["n_not_reached"] == 1 and document["n_complete"] == 0
     assert document["best_value"] is None and document["direction"] == "minimize"
+    assert "no complete trial yet" in result.stdout
     assert "not reached 0.999" in (tmp_path / "default" / "trials.md").read_text()
     with Image.open(tmp_path / "default" / "importance.png") as image:  # says why there is none
         image.load()

@@ -408,7 +408,8 @@ def add_sweep_parser(subparsers) -> None:
                             "beats is failed and run again (default: 10)")
     study.add_argument("--summary", action="store_true",
                        help="only rewrite summary.json, trials.md, history.png and importance.png")
-    recipe = p.add_argument_group("fixed recipe (as for train; every trial uses these values)")
+    recipe = p.add_argument_group("fixed recipe (as for train: every trial uses these values; "
+                                  "--val-size is 5000 when the recipe holds out none)")
     recipe.add_argument("--preset", choices=sorted(PRESETS), help="a named recipe to start from")
     add_recipe_flags(recipe, skip=("seed",))
     add_where_flags(p, dataset=False)
@@ -434,10 +435,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         options.trials, options.timeout, options.workers = args.trials, args.timeout, args.workers
         options.pruner, options.seed = args.pruner, args.seed
         document = sweep.run_sweep(options)
+    best = ("no complete trial yet" if document["best_trial"] is None else
+            f"best trial {document['best_trial']} ({document['objective']} {document['best_value']:.6g}) "
+            f"in {document['best_run']}")
     print(f"study {document['study']}: {document['n_complete']} complete, {document['n_pruned']} pruned, "
-          f"{document['n_failed']} failed; best trial {document['best_trial']} "
-          f"({document['objective']} {document['best_value']}) in {document['best_run']}; "
-          f"summary in {options.folder}")
+          f"{document['n_failed']} failed; {best}; summary in {options.folder}")
     return 0
 
 

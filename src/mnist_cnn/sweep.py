@@ -85,7 +85,8 @@ def convert(name: str, kind: type, text: str) -> Any:
     try:
         value = kind(text.strip())
     except ValueError:
-        raise SweepError(f"--space {name}: {text.strip()!r} is not a {kind.__name__}") from None
+        what = {int: "an integer", float: "a number"}.get(kind, "a value")
+        raise SweepError(f"--space {name}: {text.strip()!r} is not {what}") from None
     if kind is float and not math.isfinite(value):
         raise SweepError(f"--space {name}: {text.strip()!r} is not a finite number")
     return value
