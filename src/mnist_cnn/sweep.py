@@ -283,13 +283,13 @@ def open_storage(url: str, *, heartbeat: int):
     # The heartbeat and its retry callback are marked experimental (since Optuna 2.8); the
     # warning would be printed by every worker of every sweep.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
+    # Trials say what became of them in our own words (a failed trial's traceback is not news).
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     if url.startswith(JOURNAL_PREFIX):
         path = Path(url[len(JOURNAL_PREFIX):]).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
                           grace_period=3 * heartbeat,
@@ -374,7 +374,7 @@ def make_objective(options: SweepOptions, *, log: Log):
     the pruner, return the objective (read from the validation records only)."""
     import optuna
 
-    from mnist_cnn.train import train
+    from mnist_cnn.train import TrainingDiverged, train
 
     def objective(trial) -> float:
         config = trial_config(options, trial)
@@ -386,19 +386,27 @@ def make_objective(options: SweepOptions, *, log: Log):
         def report(record: dict[str, Any]) -> None:
             trial.report(options.objective.intermediate(record), record["epoch"])
             if record["epoch"] < config.epochs and trial.should_prune():
+                log(f"trial {trial.number}: pruned after epoch {record['epoch']}")
                 raise optuna.TrialPruned(f"pruned after epoch {record['epoch']}")
 
-        log(f"trial {trial.number}: " + ", ".join(f"{k}={v}" for k, v in trial.params.items()))
-        result = train(config, run_dir=run_dir, device=options.device, data_dir=options.data_dir,
-                       progress=False, log=lambda message: log(f"trial {trial.number}: {message}"),
-                       on_epoch=report)
+        log(f"trial {trial.number}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                  for k, v in trial.params.items()))
+        try:
+            result = train(config, run_dir=run_dir, device=options.device, data_dir=options.data_dir,
+                           progress=False, log=lambda message: log(f"trial {trial.number}: {message}"),
+                           on_epoch=report)
+        except TrainingDiverged as error:
+            log(f"trial {trial.number}: failed: {error}")
+            raise
         if not result.completed:  # Ctrl-C: the trial is failed, and retried when the sweep is run again
             trial.set_user_attr("interrupted", True)
+            log(f"trial {trial.number}: interrupted; it runs again when this command is run again")
             raise KeyboardInterrupt
         trial.set_user_attr("train_seconds", sum(record["train_seconds"] for record in result.metrics))
         value = options.objective.value(result.metrics)
         if value is None:  # never a number: recorded as pruned, marked as not reached
             trial.set_user_attr("not_reached", options.objective.threshold)
+            log(f"trial {trial.number}: validation accuracy never reached {options.objective.threshold}")
             raise optuna.TrialPruned(f"validation accuracy never reached {options.objective.threshold}")
         return value
 
@@ -568,6 +576,8 @@ def trial_value_text(trial, objective: Objective) -> str:
 
     if "not_reached" in trial.user_attrs:
         return f"not reached {trial.user_attrs['not_reached']}"
+    if trial.state == TrialState.FAIL and trial.user_attrs.get("interrupted"):
+        return "interrupted"
     if trial.state == TrialState.PRUNED and trial.intermediate_values:
         epoch = max(trial.intermediate_values)
         return f"(epoch {epoch}: {trial.intermediate_values[epoch]:.4f})"
