@@ -200,6 +200,7 @@ def test_rerunning_continues_the_study(clean_sweep, tiny_data, tmp_path):
     assert (folder / "default" / "trials" / "5" / "config.json").is_file()
     again = sweep(folder, tiny_data, trials=6)  # the target is reached: nothing more runs
     assert len(load(folder).trials) == 6 and "trial 6" not in again.stdout
+    assert "holds 6 finished trials (--trials 6): nothing to run" in again.stdout
     for name in ("summary.json", "trials.md", "history.png", "importance.png"):
         (folder / "default" / name).unlink()
     rewritten = cli("sweep", "--summary", "--sweep-dir", str(folder))

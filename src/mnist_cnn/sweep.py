@@ -554,7 +554,10 @@ def run_sweep(options: SweepOptions, *, log: Log = print) -> dict[str, Any]:
                          "choose another --study or --sweep-dir")
     recover_interrupted(study, log=log)
     done = finished_count(study)
-    if done:
+    if done >= options.trials and not waiting(study):
+        log(f"study {options.study!r} holds {done} finished trials (--trials {options.trials}): "
+            "nothing to run; raise --trials to search further")
+    elif done:
         log(f"study {options.study!r}: {done} finished trial(s) kept, continuing to {options.trials}")
     try:
         if options.workers > 1:
