@@ -393,8 +393,9 @@ def add_sweep_parser(subparsers) -> None:
                         help="K processes on this machine sharing the study (default: 1)")
     search.add_argument("--pruner", choices=("median", "hyperband", "none"), default="median",
                         help="stop poor trials early from their per-epoch validation figures (default: median)")
-    search.add_argument("--seed", type=NON_NEGATIVE_INT, help="the sampler's seed (worker i uses SEED + i) "
-                        "(default: random); trials train with the recipe's own seed")
+    search.add_argument("--seed", type=NON_NEGATIVE_INT,
+                        help="the sampler's seed, from which each worker and each continuation draws its "
+                             "own stream (default: random); trials train with the recipe's own seed")
     study = p.add_argument_group("study")
     study.add_argument("--study", default="default", metavar="NAME", help="(default: default)")
     study.add_argument("--storage", metavar="URL",

@@ -34,7 +34,6 @@ Log = Callable[[str], None]
 DEFAULT_STUDY = "default"
 DEFAULT_VAL_SIZE = 5000  # images held out for the objective when the recipe holds out none
 JOURNAL_PREFIX = "journal:"
-PRUNERS = ("median", "hyperband", "none")
 SUMMARY_FILE = "summary.json"
 TABLE_FILE = "trials.md"
 HISTORY_FILE = "history.png"
