@@ -46,7 +46,7 @@ def recipe(data: Path, *, epochs: int = 2) -> list[str]:
 SEARCH = ["--space", "lr=choice:5e-3,1e-7", "--space", "shift=int:0..2", "--seed", "3"]
 
 
-def sweep(folder: Path, data: Path, *extra: str, trials: int = 5):
+def sweep(folder: Path, data: Path, *extra: str, trials: int = 4):
     result = cli("sweep", *recipe(data), *SEARCH, "--trials", str(trials), "--sweep-dir", str(folder), *extra)
     assert result.returncode == 0, result.stderr
     return result
@@ -155,7 +155,7 @@ def test_sweep_writes_runs_and_summary(clean_sweep, tiny_data):
     document = summary(clean_sweep)
     assert {"best_trial", "best_value", "best_params", "best_run", "n_complete", "n_pruned",
             "n_failed"} <= document.keys()
-    assert document["n_complete"] + document["n_pruned"] == 5 and document["n_failed"] == 0
+    assert document["n_complete"] + document["n_pruned"] == 4 and document["n_failed"] == 0
     best = Path(document["best_run"])
     assert best == clean_sweep / "default" / "trials" / str(document["best_trial"])
     last = [json.loads(line) for line in (best / "metrics.jsonl").read_text().splitlines()][-1]
@@ -163,7 +163,7 @@ def test_sweep_writes_runs_and_summary(clean_sweep, tiny_data):
     assert document["best_params"]["lr"] == 5e-3
     table = (clean_sweep / "default" / "trials.md").read_text().splitlines()
     assert table[2].startswith("| trial | state | val_accuracy | lr | shift |")
-    assert len([line for line in table if line.startswith("| ") and line[2].isdigit()]) == 5
+    assert len([line for line in table if line.startswith("| ") and line[2].isdigit()]) == 4
     for name in ("history.png", "importance.png"):
         with Image.open(clean_sweep / "default" / name) as image:
             image.load()
@@ -193,19 +193,19 @@ def test_rerunning_continues_the_study(clean_sweep, tiny_data, tmp_path):
     folder = tmp_path / "copy"
     shutil.copytree(clean_sweep, folder)
     before = {trial.number: trial.value for trial in load(folder).trials}
-    result = sweep(folder, tiny_data, trials=6)
-    assert "5 finished trial(s) kept, continuing to 6" in result.stdout
+    result = sweep(folder, tiny_data, trials=5)
+    assert "4 finished trial(s) kept, continuing to 5" in result.stdout
     after = {trial.number: trial.value for trial in load(folder).trials}
-    assert len(after) == 6 and {n: after[n] for n in before} == before
-    assert (folder / "default" / "trials" / "5" / "config.json").is_file()
-    again = sweep(folder, tiny_data, trials=6)  # the target is reached: nothing more runs
-    assert len(load(folder).trials) == 6 and "trial 6" not in again.stdout
-    assert "holds 6 finished trials (--trials 6): nothing to run" in again.stdout
+    assert len(after) == 5 and {n: after[n] for n in before} == before
+    assert (folder / "default" / "trials" / "4" / "config.json").is_file()
+    again = sweep(folder, tiny_data, trials=5)  # the target is reached: nothing more runs
+    assert len(load(folder).trials) == 5 and "trial 5" not in again.stdout
+    assert "holds 5 finished trials (--trials 5): nothing to run" in again.stdout
     for name in ("summary.json", "trials.md", "history.png", "importance.png"):
         (folder / "default" / name).unlink()
     rewritten = cli("sweep", "--summary", "--sweep-dir", str(folder))
     assert rewritten.returncode == 0, rewritten.stderr
-    assert summary(folder)["n_complete"] + summary(folder)["n_pruned"] == 6
+    assert summary(folder)["n_complete"] + summary(folder)["n_pruned"] == 5
     assert all((folder / "default" / name).is_file() for name in ("trials.md", "history.png", "importance.png"))
     missing = cli("sweep", "--summary", "--study", "nope", "--sweep-dir", str(folder))
     assert_one_line_error(missing, "no study 'nope'")
