@@ -57,10 +57,10 @@ POSITIVE_INT = value_parser(int, config.POSITIVE_INT)
 NON_NEGATIVE_INT = value_parser(int, config.NON_NEGATIVE_INT)
 
 
-def add_recipe_flags(group) -> None:
+def add_recipe_flags(group, *, skip: tuple[str, ...] = ()) -> None:
     """One flag per TrainConfig field, with its help, check and choices from the field.
     Flags default to None ("not given") so a preset can fill what the user left out."""
-    for spec in recipe_fields():
+    for spec in (spec for spec in recipe_fields() if spec.name not in skip):
         kind = {"int": int, "float": float}.get(str(spec.type), str)
         choices = spec.metadata.get("choices")
         default = "" if spec.default is MISSING else f" (default: {spec.default})"
@@ -403,6 +403,84 @@ def cmd_export(args: argparse.Namespace) -> int:
     return exits.OK
 
 
+# ---------------------------------------------------------------- sweep
+
+
+def add_sweep_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "sweep", help="search recipes on the validation split with Optuna (one machine or many)",
+        description="Search training recipes with Optuna: each trial is a run folder "
+                    "<sweep-dir>/<study>/trials/<number>/, scored on the validation split only. "
+                    "Running the same command again continues the study. See docs/sweeps.md.")
+    search = p.add_argument_group("search")
+    search.add_argument("--space", action="append", default=[], metavar="FIELD=SPEC",
+                        help="a searched train field: log:A..B (log-uniform), A..B (uniform), "
+                             "int:A..B, choice:A,B,C; repeat for several fields")
+    search.add_argument("--space-file", metavar="FILE.toml",
+                        help='FIELD = "SPEC" lines (TOML, or YAML for .yaml/.yml), at the top or under [space]')
+    search.add_argument("--objective", default="val_accuracy",
+                        help="val_accuracy (the last epoch's, maximised) or time_to:ACC (seconds of "
+                             "training until the validation accuracy first reaches ACC, minimised) "
+                             "(default: val_accuracy)")
+    search.add_argument("--trials", type=POSITIVE_INT, default=20, metavar="N",
+                        help="finished trials the study should hold; trials already done count (default: 20)")
+    search.add_argument("--timeout", type=value_parser(float, config.POSITIVE_NUMBER), metavar="SECONDS",
+                        help="start no new trial after this long (default: none)")
+    search.add_argument("--workers", type=POSITIVE_INT, default=1, metavar="K",
+                        help="K processes on this machine sharing the study (default: 1)")
+    search.add_argument("--pruner", choices=("median", "hyperband", "none"), default="median",
+                        help="stop poor trials early from their per-epoch validation figures (default: median)")
+    search.add_argument("--seed", type=NON_NEGATIVE_INT,
+                        help="the sampler's seed, from which each worker and each continuation draws its "
+                             "own stream (default: random); trials train with the recipe's own seed")
+    study = p.add_argument_group("study")
+    study.add_argument("--study", default="default", metavar="NAME", help="(default: default)")
+    study.add_argument("--storage", metavar="URL",
+                       help="an SQLAlchemy URL Optuna accepts (postgresql://user:pass@host/db for several "
+                            "machines), or journal:PATH for a journal file on a shared file system "
+                            "(default: sqlite:///<sweep-dir>/<study>/study.db)")
+    study.add_argument("--sweep-dir", default="sweeps", metavar="DIR",
+                       help="where the trials' run folders and the summary go (default: sweeps)")
+    study.add_argument("--heartbeat", type=POSITIVE_INT, default=10, metavar="SECONDS",
+                       help="a running trial's sign of life (database storages): one silent for 3 "
+                            "beats is failed and run again (default: 10)")
+    study.add_argument("--summary", action="store_true",
+                       help="only rewrite summary.json, trials.md, history.png and importance.png")
+    recipe = p.add_argument_group("fixed recipe (as for train: every trial uses these values; "
+                                  "--val-size is 5000 when the recipe holds out none)")
+    recipe.add_argument("--preset", choices=sorted(PRESETS), help="a named recipe to start from")
+    add_recipe_flags(recipe, skip=("seed",))
+    add_where_flags(p, dataset=False)
+    p.set_defaults(handler=cmd_sweep)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mnist_cnn import sweep
+
+    options = sweep.SweepOptions(study=args.study, storage=args.storage, sweep_dir=Path(args.sweep_dir),
+                                 heartbeat=args.heartbeat, device=args.device, data_dir=args.data_dir)
+    if args.summary:
+        document = sweep.write_summary(options)
+    else:
+        given = recipe_values(args)
+        preset = given.pop("preset", None)
+        given.pop("seed", None)  # the sampler's here, not the recipe's
+        space = sweep.build_space(args.space, args.space_file)
+        options.space, options.config = space, sweep.base_config(preset, given, space)
+        options.objective = sweep.parse_objective(args.objective)
+        options.trials, options.timeout, options.workers = args.trials, args.timeout, args.workers
+        options.pruner, options.seed = args.pruner, args.seed
+        document = sweep.run_sweep(options)
+    best = ("no complete trial yet" if document["best_trial"] is None else
+            f"best trial {document['best_trial']} ({document['objective']} {document['best_value']:.6g}) "
+            f"in {document['best_run']}")
+    print(f"study {document['study']}: {document['n_complete']} complete, {document['n_pruned']} pruned, "
+          f"{document['n_failed']} failed; {best}; summary in {options.folder}")
+    return 0
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="mnist-cnn", description="Train, evaluate and use the classic MNIST CNN.")
     parser.add_argument("--version", action="version", version=f"mnist-cnn {__version__}")
@@ -422,6 +500,7 @@ def build_parser() -> Parser:
     add_summary_parser(subparsers)
     add_explain_parser(subparsers)
     add_export_parser(subparsers)
+    add_sweep_parser(subparsers)
     from mnist_cnn.serve.command import add_serve_parser  # flags only: nothing heavy imported
 
     add_serve_parser(subparsers)

@@ -34,6 +34,7 @@ from mnist_cnn.model import count_parameters, to_device
 from mnist_cnn.runtime import environment
 
 Log = Callable[[str], None]
+OnEpoch = Callable[[dict[str, Any]], None]  # sees each finished epoch's record; may raise to stop
 
 
 class TrainingDiverged(MnistCnnError):
@@ -172,18 +173,22 @@ class StopRequest:
 
 def train(config: TrainConfig | None = None, *, run_dir: str | Path | None = None,
           device: str = "auto", data_dir: str | None = None, progress: bool = True,
-          log: Log = print) -> TrainResult:
+          log: Log = print, on_epoch: OnEpoch | None = None) -> TrainResult:
     """Train `config` (the tutorial's recipe by default) into a new run folder; under
-    torchrun, one data-parallel run over all its processes (mnist_cnn.distributed)."""
+    torchrun, one data-parallel run over all its processes (mnist_cnn.distributed).
+    `on_epoch` is called with each epoch's record once it is saved (a sweep reports it to
+    its pruner, which stops the run by raising)."""
     config = config or TrainConfig()
     validate_train_config(config)
     data_dir = str(Path(data_dir).expanduser().resolve()) if data_dir else None
     with distributed.session(device) as world:
-        return train_in_world(world, config, run_dir=run_dir, data_dir=data_dir, progress=progress, log=log)
+        return train_in_world(world, config, run_dir=run_dir, data_dir=data_dir, progress=progress,
+                              log=log, on_epoch=on_epoch)
 
 
 def train_in_world(world: distributed.World, config: TrainConfig, *, run_dir: str | Path | None,
-                   data_dir: str | None, progress: bool, log: Log) -> TrainResult:
+                   data_dir: str | None, progress: bool, log: Log,
+                   on_epoch: OnEpoch | None = None) -> TrainResult:
     """train() within its process group (the run's state is gone when this returns)."""
     log = world.main_only(log)
     run = build_run(config, device=world.device, data_dir=data_dir, log=log,
@@ -200,7 +205,7 @@ def train_in_world(world: distributed.World, config: TrainConfig, *, run_dir: st
             "started": datetime.now().astimezone().isoformat(timespec="seconds")})
 
     world.on_main(start_folder)
-    result = run_epochs(run, progress=progress and world.is_main, log=log)
+    result = run_epochs(run, progress=progress and world.is_main, log=log, on_epoch=on_epoch)
     result.main = world.is_main
     return result
 
@@ -322,7 +327,7 @@ def save_checkpoint(run: Run) -> None:
 # ---------------------------------------------------------------- the loop
 
 
-def run_epochs(run: Run, *, progress: bool, log: Log) -> TrainResult:
+def run_epochs(run: Run, *, progress: bool, log: Log, on_epoch: OnEpoch | None = None) -> TrainResult:
     """Epochs from where `run` stands to the end; a checkpoint after each. Ctrl-C saves the
     current step (or the finished epoch, when it arrives during the test pass) and stops."""
     with StopRequest() as stop:
@@ -336,6 +341,8 @@ def run_epochs(run: Run, *, progress: bool, log: Log) -> TrainResult:
                 return TrainResult(run.run_dir, run.metrics, completed=False, device=run.device)
             record = end_epoch(run, started)
             log(format_epoch(record, run.config.epochs))
+            if on_epoch is not None:
+                on_epoch(record)
             if run.world.any(stop.signal_name is not None) and run.epoch < run.config.epochs:
                 log(f"{stop.name}: saved a checkpoint after epoch {run.epoch}; "
                     f"continue with: mnist-cnn train --resume {run.run_dir}")
