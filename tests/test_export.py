@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_one_line_error, cli
+from conftest import assert_one_line_error, cli, require_module
 from mnist_cnn.export import export_model
 from mnist_cnn.predict import OnnxPredictor, TorchPredictor
 
-onnx = pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
+onnx = require_module("onnx")  # required dependencies: a skip here would hide a broken install in CI
+require_module("onnxruntime")
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,11 @@ import errno
 import gzip
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 from contextlib import contextmanager
@@ -20,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import write_dataset
+from conftest import missing, write_dataset
 from mnist_cnn import MnistCnnError, fileio
 from mnist_cnn.data import DataError, read_bytes
 from mnist_cnn.fileio import atomic_write, atomic_write_bytes, read_file, read_stream, require_regular_file
@@ -88,14 +90,40 @@ def test_missing_and_oversized_files(tmp_path):
         read_file("a\0b")
 
 
-def test_unreadable_file_is_one_line(tmp_path):
-    if os.geteuid() == 0:
-        pytest.skip("root reads files without permission")
-    path = tmp_path / "secret.png"
-    path.write_bytes(b"x")
-    path.chmod(0)
-    with pytest.raises(ImageError, match=r"secret.png: cannot read \(Permission denied\)"):
-        open_image(path)
+UNREADABLE = """
+import sys
+from mnist_cnn.preprocess import ImageError, open_image
+try:
+    open_image(sys.argv[1])
+except ImageError as error:
+    print(error)
+"""
+
+
+def test_unreadable_file_is_one_line():
+    """A file its reader may not open is refused in one line. Root reads any file, so as root
+    (which CI is) the check runs in a subprocess as the unprivileged user nobody."""
+    folder = Path(tempfile.mkdtemp(prefix="mnist-cnn-unreadable-"))  # not under pytest's 0700 tmp
+    try:
+        folder.chmod(0o755)
+        path = folder / "secret.png"
+        path.write_bytes(b"x")
+        path.chmod(0)
+        if os.geteuid() != 0:
+            with pytest.raises(ImageError, match=r"secret.png: cannot read \(Permission denied\)"):
+                open_image(path)
+            return
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            missing("as root, this test needs setpriv (util-linux) to run as the user nobody")
+        result = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
+                                 sys.executable, "-c", UNREADABLE, str(path)],
+                                capture_output=True, text=True, timeout=60,
+                                env={**os.environ, "HOME": str(folder)})
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == f"{path}: cannot read (Permission denied)\n"
+    finally:
+        shutil.rmtree(folder)
 
 
 class Endless(io.RawIOBase):
