@@ -50,6 +50,36 @@ def test_onnx_runtime_matches_torch_on_1000_test_images(exported, mnist):
         assert onnx_predictor.run(x).shape == (batch, 10)
 
 
+def test_a_calibrated_model_agrees_between_torch_and_onnxruntime(exported, mnist, tmp_path):
+    """A model stored with a temperature (as training with --val-size stores it: in model.json
+    and in the safetensors metadata): torch divides the logits by T, ONNX Runtime tempers the
+    graph's plain softmax afterwards; both give softmax(logits / T) within 1e-5, also when
+    only the safetensors metadata holds the calibration."""
+    from mnist_cnn import runs
+    from mnist_cnn.runs import open_model
+
+    run = tmp_path / "run"
+    shutil.copytree(exported, run)
+    loaded = open_model(run)
+    calibration = {"temperature": 0.6, "min_confidence": 0.95}
+    info = {key: value for key, value in loaded.info.items() if key not in ("format", "format_version", "config")}
+    runs.save_model(run, loaded.model, loaded.config, {**info, "calibration": calibration})
+    digits = mnist["test"][0][:300]
+    x = torch.from_numpy(digits[:, None]).float() / 255
+    with torch.inference_mode():
+        expected = torch.softmax(loaded.model(x).double() / 0.6, dim=1).numpy()
+        plain = torch.softmax(loaded.model(x).double(), dim=1).numpy()
+    assert np.abs(expected - plain).max() > 0.05  # the temperature changes the answers' confidence
+    for only_metadata in (False, True):
+        if only_metadata:
+            (run / "model.json").unlink()
+        predictors = TorchPredictor(run, device="cpu"), OnnxPredictor(run)
+        for predictor in predictors:
+            assert (predictor.temperature, predictor.min_confidence) == (0.6, 0.95), predictor.backend
+            np.testing.assert_allclose(predictor.probabilities(digits), expected, atol=1e-5,
+                                       err_msg=predictor.backend)
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 def test_torchscript_export_matches(shipped_model, mnist, tmp_path):
     path = export_model(shipped_model, format="torchscript", output=tmp_path / "m.pt")
