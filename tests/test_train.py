@@ -194,10 +194,21 @@ def test_an_existing_run_is_never_overwritten(tmp_path, small_data):
     assert (run / "metrics.jsonl").read_text() == before
 
 
-def test_bf16_autocast_trains_and_fp16_needs_cuda(tmp_path, small_data):
-    result = train(small_config(precision="bf16", epochs=1), run_dir=tmp_path / "bf16",
-                   data_dir=str(small_data), progress=False, log=lambda m: None)
-    assert result.completed and 0 < result.metrics[0]["test_accuracy"] <= 1
+def test_bf16_autocast_trains_as_well_as_fp32_and_fp16_needs_cuda(tmp_path, small_data):
+    """`--precision bf16` works on the CPU: it computes in bf16 (other weights than fp32's)
+    and learns as fp32 does. One epoch of --preset fast at batch 64 (47 steps; measured
+    2026-12-01, seeds 0-2: fp32 69.2, 76.2, 75.9 %, bf16 69.5, 75.9, 74.4 %): within 2 points
+    (on the GPU, the README's 20-epoch runs differ by 0.02 points)."""
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        config = resolve_train_config("fast", {"dataset": "custom", "epochs": 1, "batch_size": 64,
+                                               "precision": precision})
+        runs[precision] = train(config, run_dir=tmp_path / precision, data_dir=str(small_data),
+                                progress=False, log=lambda m: None)
+    fp32, bf16 = (runs[p].metrics[0]["test_accuracy"] for p in ("fp32", "bf16"))
+    assert runs["bf16"].completed and fp32 > 0.6  # it learned (chance is 0.1)
+    assert abs(bf16 - fp32) <= 0.02, (bf16, fp32)
+    assert not torch.equal(weights(tmp_path / "fp32")["conv1.weight"], weights(tmp_path / "bf16")["conv1.weight"])
     if not torch.cuda.is_available():
         assert_one_line_error(cli("train", "--precision", "fp16", "--run-dir", str(tmp_path / "fp16")),
                               "--precision fp16 needs a CUDA device")
