@@ -70,6 +70,34 @@ def test_presets_and_explicit_flags():
     assert resolve_train_config("fast", {"lr": None}).lr == PRESETS["fast"]["lr"]  # None: not given
 
 
+# The recipes as the README states them (Training, Results); every other field keeps its
+# default, so a preset that changed any value, documented or not, fails here.
+DOCUMENTED_RECIPES = {
+    # "Adam 1e-4, batch 128, 20 epochs; KL divergence" (the tutorial's)
+    None: dict(model="seed", epochs=20, batch_size=128, lr=1e-4, loss="kl", schedule="constant",
+               shift=0, label_smoothing=0.0, seed=0),
+    # "8 epochs, batch 256, cross-entropy with label smoothing 0.05, a one-cycle schedule
+    # (linear warm-up for 15 % of the steps to a peak of 3e-3 ...), shifts of up to ±2 pixels"
+    "fast": dict(model="seed", epochs=8, batch_size=256, lr=3e-3, loss="ce", schedule="onecycle",
+                 warmup=0.15, label_smoothing=0.05, shift=2),
+    # "(model bn): 15 epochs, batch 256, one-cycle to 4e-3 (20 % warm-up), cross-entropy with
+    # label smoothing 0.05, ±10° rotation, ±10 % scale, ±2 px shift", 5,000 held out
+    "best": dict(model="bn", epochs=15, batch_size=256, lr=4e-3, loss="ce", schedule="onecycle",
+                 warmup=0.2, label_smoothing=0.05, rotate=10.0, scale=0.1, shift=2, val_size=5000),
+    # "the same network, 10 epochs, no rotation, ±5 % scale, ±2 px shift, label smoothing 0.1"
+    "best-fashion": dict(model="bn", dataset="fashion-mnist", epochs=10, batch_size=256, lr=4e-3,
+                         loss="ce", schedule="onecycle", warmup=0.2, label_smoothing=0.1, rotate=0.0,
+                         scale=0.05, shift=2, val_size=5000),
+}
+
+
+@pytest.mark.parametrize("preset", list(DOCUMENTED_RECIPES), ids=lambda p: p or "default")
+def test_presets_are_the_documented_recipes(preset):
+    expected = TrainConfig(**DOCUMENTED_RECIPES[preset], **({"preset": preset} if preset else {}))
+    assert resolve_train_config(preset, {}) == expected
+    assert set(PRESETS) == {"seed", "fast", "best", "best-fashion"}
+
+
 def test_train_writes_the_run_folder(tmp_path, small_data):
     lines = []
     result = train(small_config(), run_dir=tmp_path / "run", data_dir=str(small_data),
