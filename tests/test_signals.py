@@ -12,6 +12,7 @@ before the update, with `run.epoch` and `run.step` saying which step it is; the 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -62,8 +63,6 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 
 def metrics(run: Path) -> list[dict]:
-    import json
-
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
