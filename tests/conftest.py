@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import importlib
 import io
 import os
 import subprocess
@@ -67,6 +68,25 @@ def write_dataset(folder: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]]
         write_idx(folder / image_stem, images, IMAGE_MAGIC, compress=compress)
         write_idx(folder / label_stem, labels, LABEL_MAGIC, compress=compress)
     return folder
+
+
+# ---- required pieces: skipped on a developer's machine, a failure in CI
+
+
+def missing(what: str) -> None:
+    """A required piece (a dependency, the C kernels, a tool) is missing here: skip where a
+    developer runs the tests, fail in CI (CI=true), where a skip would hide a broken install."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{what} (required in CI, where CI=true)", pytrace=False)
+    pytest.skip(what, allow_module_level=True)
+
+
+def require_module(name: str):
+    """`import name`, or `missing(...)`: for the required dependencies (requirements.txt)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        missing(f"needs {name} ({error}; pip install -r requirements.txt)")
 
 
 # ---- what users' digit images look like (made from MNIST digits)

@@ -25,12 +25,39 @@ def test_a_quick_recipe_reaches_97_5_percent_on_full_mnist(mnist_model):
     assert report["correct"] == final["test_correct"]
 
 
+# How many test images the shipped model may answer differently on another CPU or torch
+# version than on the machine that trained it: other kernels sum in another order, so logits
+# differ in the last bits (~1e-5 relative), and a digit whose top two logits are that close
+# flips. None of the 10,000 has its top two logits within 1e-3 of each other (4 within 1e-2;
+# measured 2026-12-01), so a handful is generous; a broken model or data path costs far more.
+CROSS_PLATFORM_IMAGES = 3
+
+
+def same_platform(recorded: dict) -> bool:
+    """Whether this machine computes as the one that made the model did: the same torch
+    version, CPU model and architecture (as model.json's "environment" records them)."""
+    import platform
+
+    import torch
+
+    from mnist_cnn.runtime import cpu_model
+
+    return (recorded.get("torch") == torch.__version__ and recorded.get("cpu") == cpu_model()
+            and str(recorded.get("platform", "")).find(platform.machine()) >= 0)
+
+
 def test_the_shipped_fast_preset_model_scores_99_percent():
     """The 8-epoch fast preset's weights, as shipped, scored on the full test set now (not
     read from its model.json), so a change to the model or the data path that broke the
-    weights' meaning would show here."""
+    weights' meaning would show here: exactly the recorded count where the platform is the
+    one that made the model, within CROSS_PLATFORM_IMAGES elsewhere."""
     report = evaluate_model(PRETRAINED_DIR, device="cpu")
     assert report["total"] == 10000 and report["accuracy"] >= 0.99, report
     info = json.loads((PRETRAINED_DIR / "model.json").read_text())
     assert info["config"]["preset"] == "fast" and info["config"]["epochs"] == 8
-    assert report["correct"] == info["metrics"]["test_correct"]
+    recorded = info["metrics"]["test_correct"]
+    if same_platform(info["environment"]):
+        assert report["correct"] == recorded, info["environment"]
+    else:
+        assert abs(report["correct"] - recorded) <= CROSS_PLATFORM_IMAGES, (report["correct"], recorded,
+                                                                            info["environment"])

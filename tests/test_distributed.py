@@ -216,21 +216,71 @@ def test_two_nodes_form_one_run(two_node_run):
     assert last_record(run)["test_accuracy"] > 0.8
 
 
+# `mnist-cnn ARGS` as a launcher that also reports how each worker of `--nproc` ended:
+# torchrun waits for its workers when it stops them (SubprocessContext._close, after a
+# Ctrl-C) but keeps their exit statuses to itself.
+REPORT_RANK_STATUSES = """
+import sys
+from torch.distributed.elastic.multiprocessing.api import SubprocessContext
+
+close = SubprocessContext._close
+
+def close_and_report(self, *args, **kwargs):
+    close(self, *args, **kwargs)
+    statuses = {rank: handler.proc.returncode for rank, handler in self.subprocess_handlers.items()}
+    print(f"rank exit statuses: {statuses}", file=sys.stderr, flush=True)
+
+SubprocessContext._close = close_and_report
+from mnist_cnn.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def wait_for(condition, what: str, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        assert process.poll() is None, (what, process.communicate())
+        assert time.monotonic() < deadline, f"{what}: not within {TIMEOUT} s"
+        time.sleep(0.02)
+
+
+def metrics_lines(run: Path) -> int:
+    path = run / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
 @pytest.fixture(scope="module")
 def killed_run(small_data, tmp_path_factory) -> Path:
-    """A RECIPE run under `--nproc 2` whose rank 1 was SIGKILLed after the first checkpoint."""
+    """A RECIPE run under `--nproc 2`, stopped by Ctrl-C in its second epoch (every rank ends
+    with status 130, rank 0 saves the step), resumed under `--nproc 2` and then SIGKILLed in
+    rank 1 after the next checkpoint: what it leaves must resume to the uninterrupted weights."""
     run = tmp_path_factory.mktemp("killed") / "run"
+    # Ctrl-C in a terminal reaches the launcher alone (torchrun starts each worker in a
+    # session of its own); the launcher passes it on to every rank.
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "mnist_cnn", "train", "--nproc", "2", *RECIPE, *data_args(small_data),
-         "--run-dir", str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-c", REPORT_RANK_STATUSES, "train", "--nproc", "2", *RECIPE,
+         *data_args(small_data), "--run-dir", str(run)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env()})
+    wait_for((run / "checkpoint.pt").exists, "the first checkpoint", launcher)
+    time.sleep(0.1)
+    launcher.send_signal(signal.SIGINT)
+    stdout, stderr = launcher.communicate(timeout=TIMEOUT)
+    assert launcher.returncode == 130, stdout + stderr
+    assert stderr.strip().splitlines()[-1] == "rank exit statuses: {0: 130, 1: 130}", stderr
+    assert "Traceback" not in stderr and "saved a checkpoint" in stdout, stdout + stderr
+    assert f"continue with: mnist-cnn train --resume {run}" in stdout
+    assert not (run / "model.safetensors").exists(), "the run finished before the Ctrl-C"
+
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "mnist_cnn", "train", "--nproc", "2", "--resume", str(run),
+         "--no-report", "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, **env()})
-    deadline = time.monotonic() + TIMEOUT
-    while not (run / "checkpoint.pt").exists():
-        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()
-        time.sleep(0.02)
+    done = metrics_lines(run)
+    wait_for(lambda: metrics_lines(run) > done, "an epoch after the resume", launcher)
     os.kill(worker_pid(launcher.pid, local_rank=1), signal.SIGKILL)
-    _, stderr = launcher.communicate(timeout=TIMEOUT)
+    stdout, stderr = launcher.communicate(timeout=TIMEOUT)
     assert launcher.returncode == 2, stderr
+    assert "resuming" in stdout and "random streams restart" not in stdout
     assert "rank 1" in stderr and "was killed by SIGKILL" in stderr, stderr
     assert not (run / "model.safetensors").exists(), "the run finished before the kill"
     return run
@@ -247,8 +297,9 @@ def worker_pid(launcher: int, *, local_rank: int) -> int:
 
 
 def test_resume_after_a_rank_was_killed_gives_the_uninterrupted_weights(killed_run, two_node_run, tmp_path):
-    """`--nproc 2`, rank 1 killed, resumed: the weights of the uninterrupted two-node run, bit
-    for bit (so two local processes and two "machines" also train the same weights)."""
+    """`--nproc 2`, stopped by Ctrl-C, resumed, rank 1 killed, resumed: the weights of the
+    uninterrupted two-node run, bit for bit (so two local processes and two "machines" also
+    train the same weights)."""
     run = tmp_path / "run"
     shutil.copytree(killed_run, run)
     result = run_cli("train", "--nproc", "2", "--resume", str(run), "--no-report", "--no-progress",

@@ -354,3 +354,12 @@ def test_the_built_site_searches_from_the_disk_and_asks_no_other_host(site):
     assert any("Calibrated confidence" in title for title in titles), titles
     assert [u for u in requests if not u.startswith(("file:", "data:", "blob:"))] == []
     assert any(u.endswith("search/search_index.js") for u in requests)
+
+
+def test_every_test_the_claims_page_names_exists():
+    """docs/claims.md maps claims to tests: a renamed or deleted test must not leave it pointing nowhere."""
+    named = re.findall(r"`(test_\w+\.py)::(\w+)", (DOCS / "claims.md").read_text())
+    assert len(named) >= 20
+    tests = Path(__file__).parent
+    for module, name in named:
+        assert re.search(rf"^(async )?def {name}\b", (tests / module).read_text(), re.M), f"{module}::{name}"

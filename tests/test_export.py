@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_one_line_error, cli
+from conftest import assert_one_line_error, cli, require_module
 from mnist_cnn.export import export_model
 from mnist_cnn.predict import OnnxPredictor, TorchPredictor
 
-onnx = pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
+onnx = require_module("onnx")  # required dependencies: a skip here would hide a broken install in CI
+require_module("onnxruntime")
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +64,36 @@ def test_every_backend_and_the_ensemble_meet_the_predictor_contract(exported, mn
         assert probabilities.shape == (5, 10) and np.allclose(probabilities.sum(1), 1, atol=1e-4)
         assert predictor.describe()["classes"] == list(predictor.classes)
     assert not isinstance(object(), Predictor)
+
+
+def test_a_calibrated_model_agrees_between_torch_and_onnxruntime(exported, mnist, tmp_path):
+    """A model stored with a temperature (as training with --val-size stores it: in model.json
+    and in the safetensors metadata): torch divides the logits by T, ONNX Runtime tempers the
+    graph's plain softmax afterwards; both give softmax(logits / T) within 1e-5, also when
+    only the safetensors metadata holds the calibration."""
+    from mnist_cnn import checkpoints
+    from mnist_cnn.checkpoints import open_model
+
+    run = tmp_path / "run"
+    shutil.copytree(exported, run)
+    loaded = open_model(run)
+    calibration = {"temperature": 0.6, "min_confidence": 0.95}
+    info = {key: value for key, value in loaded.info.items() if key not in ("format", "format_version", "config")}
+    checkpoints.save_model(run, loaded.model, loaded.config, {**info, "calibration": calibration})
+    digits = mnist["test"][0][:300]
+    x = torch.from_numpy(digits[:, None]).float() / 255
+    with torch.inference_mode():
+        expected = torch.softmax(loaded.model(x).double() / 0.6, dim=1).numpy()
+        plain = torch.softmax(loaded.model(x).double(), dim=1).numpy()
+    assert np.abs(expected - plain).max() > 0.05  # the temperature changes the answers' confidence
+    for only_metadata in (False, True):
+        if only_metadata:
+            (run / "model.json").unlink()
+        predictors = TorchPredictor(run, device="cpu"), OnnxPredictor(run)
+        for predictor in predictors:
+            assert (predictor.temperature, predictor.min_confidence) == (0.6, 0.95), predictor.backend
+            np.testing.assert_allclose(predictor.probabilities(digits), expected, atol=1e-5,
+                                       err_msg=predictor.backend)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")

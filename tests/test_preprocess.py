@@ -63,12 +63,22 @@ def test_polarity_and_transparency_give_the_same_digit(seven):
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF"])
 def test_every_common_format_reads(tmp_path, seven, fmt):
+    """Each format gives the digit the picture itself gives (the test above checks that one):
+    the lossless formats exactly, JPEG and WebP (lossy at their default quality) within their
+    compression noise (measured 2026-12-01: mean 1.3 and 1.9 grey levels off, centre of mass
+    0.09 px away, overlap 0.94 and 0.92)."""
     image = on_paper(seven)
     path = tmp_path / f"digit.{fmt.lower()}"
     image.save(path, fmt, **({"save_all": True, "append_images": [Image.new("L", image.size, 255)]}
                              if fmt == "GIF" else {}))  # a 2-frame GIF: the first frame counts
-    digit = preprocess_file(path)
-    assert digit.max() > 200 and digit.sum() > 10_000
+    digit, reference = preprocess_file(path).astype(int), preprocess(image).astype(int)
+    if fmt not in ("JPEG", "WEBP"):
+        assert np.array_equal(digit, reference)
+        return
+    assert np.abs(digit - reference).mean() <= 4
+    shift = np.subtract(center_of_mass(digit.astype(np.float64)), center_of_mass(reference.astype(np.float64)))
+    assert np.abs(shift).max() <= 0.25
+    assert np.minimum(digit, reference).sum() / np.maximum(digit, reference).sum() >= 0.88
 
 
 def test_no_ink_is_an_error_not_a_guess(tmp_path):

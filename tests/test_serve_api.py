@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import assert_one_line_error, cli, user_png
+from conftest import assert_one_line_error, cli, require_module, user_png
 
-pytest.importorskip("fastapi")
+require_module("fastapi")  # required: in CI its absence fails, not skips
 from fastapi.testclient import TestClient  # noqa: E402
 
 from mnist_cnn import __version__, runs  # noqa: E402
@@ -337,7 +337,7 @@ def test_an_internal_failure_is_one_line_and_the_app_survives(models, model_dirs
 
 
 def test_onnxruntime_backend_agrees_with_torch(client, model_dirs, tmp_path, digits):
-    pytest.importorskip("onnxruntime")
+    require_module("onnxruntime")
     from mnist_cnn.export import export_model
 
     folder = tmp_path / "exported"

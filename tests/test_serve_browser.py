@@ -92,19 +92,28 @@ def test_server_answers_concurrent_requests(server, digits):
     import json
 
     assert all(status == 200 for status, _ in answers)
-    got = [json.loads(body)["label"] for _, body in answers]
+    got = [json.loads(body) for _, body in answers]
     expected = [json.loads(request(url + "api/predict", "POST", user_png(images[i % 8]),
-                                   {"content-type": "image/png"})[1])["label"] for i in range(8)]
-    assert got == [expected[i % 8] for i in range(64)]  # concurrency changes no answer
-    assert sum(e == int(l) for e, l in zip(expected, labels[:8])) >= 7
+                                   {"content-type": "image/png"})[1]) for i in range(8)]
+    for index, answer in enumerate(got):  # concurrency changes no answer, not even a probability
+        alone = expected[index % 8]
+        assert (answer["label"], answer["probabilities"]) == (alone["label"], alone["probabilities"]), index
+    assert sum(e["label"] == int(l) for e, l in zip(expected, labels[:8])) >= 7
+
+
+LIMIT = 10_000_000  # serve's default --max-body-bytes
 
 
 def test_big_body_is_refused_before_it_is_all_sent(server):
-    """413 arrives while the client is still sending: the server did not read it all."""
+    """413 arrives while the client is still sending: with Content-Length, before the server
+    read the body at all; chunked, as soon as the body passed the limit."""
     url, _ = server
     parts = urlsplit(url)
     for framing in ("content-length", "chunked"):
-        sock = socket.create_connection((parts.hostname, parts.port), timeout=30)
+        sock = socket.socket()  # a small send buffer: few bytes in flight, a tight bound below
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        sock.settimeout(30)
+        sock.connect((parts.hostname, parts.port))
         header = (f"POST /api/predict HTTP/1.1\r\nHost: {parts.hostname}\r\nContent-Type: image/png\r\n"
                   + ("Content-Length: 200000000\r\n" if framing == "content-length" else "Transfer-Encoding: chunked\r\n")
                   + "\r\n")
@@ -130,7 +139,10 @@ def test_big_body_is_refused_before_it_is_all_sent(server):
             pass
         sock.close()
         assert answer.startswith(b"HTTP/1.1 413"), (framing, answer[:200])
-        assert sent < 20_000_000, (framing, sent)  # the limit is 10 MB; 200 MB were announced
+        # The limit is 10 MB and 200 MB were announced. With a 64 kB send buffer here, what was
+        # sent and not read by the server sits in its socket buffers (measured 0.3 MB with
+        # Content-Length, 0.2-0.6 MB past the limit chunked, 2026-12-01).
+        assert sent <= (LIMIT + 2_000_000 if framing == "chunked" else 1_000_000), (framing, sent)
     assert request(url + "api/health")[0] == 200
 
 

@@ -70,6 +70,34 @@ def test_presets_and_explicit_flags():
     assert resolve_train_config("fast", {"lr": None}).lr == PRESETS["fast"]["lr"]  # None: not given
 
 
+# The recipes as the README states them (Training, Results); every other field keeps its
+# default, so a preset that changed any value, documented or not, fails here.
+DOCUMENTED_RECIPES = {
+    # "Adam 1e-4, batch 128, 20 epochs; KL divergence" (the tutorial's)
+    None: dict(model="seed", epochs=20, batch_size=128, lr=1e-4, loss="kl", schedule="constant",
+               shift=0, label_smoothing=0.0, seed=0),
+    # "8 epochs, batch 256, cross-entropy with label smoothing 0.05, a one-cycle schedule
+    # (linear warm-up for 15 % of the steps to a peak of 3e-3 ...), shifts of up to ±2 pixels"
+    "fast": dict(model="seed", epochs=8, batch_size=256, lr=3e-3, loss="ce", schedule="onecycle",
+                 warmup=0.15, label_smoothing=0.05, shift=2),
+    # "(model bn): 15 epochs, batch 256, one-cycle to 4e-3 (20 % warm-up), cross-entropy with
+    # label smoothing 0.05, ±10° rotation, ±10 % scale, ±2 px shift", 5,000 held out
+    "best": dict(model="bn", epochs=15, batch_size=256, lr=4e-3, loss="ce", schedule="onecycle",
+                 warmup=0.2, label_smoothing=0.05, rotate=10.0, scale=0.1, shift=2, val_size=5000),
+    # "the same network, 10 epochs, no rotation, ±5 % scale, ±2 px shift, label smoothing 0.1"
+    "best-fashion": dict(model="bn", dataset="fashion-mnist", epochs=10, batch_size=256, lr=4e-3,
+                         loss="ce", schedule="onecycle", warmup=0.2, label_smoothing=0.1, rotate=0.0,
+                         scale=0.05, shift=2, val_size=5000),
+}
+
+
+@pytest.mark.parametrize("preset", list(DOCUMENTED_RECIPES), ids=lambda p: p or "default")
+def test_presets_are_the_documented_recipes(preset):
+    expected = TrainConfig(**DOCUMENTED_RECIPES[preset], **({"preset": preset} if preset else {}))
+    assert resolve_train_config(preset, {}) == expected
+    assert set(PRESETS) == {"seed", "fast", "best", "best-fashion"}
+
+
 def test_train_writes_the_run_folder(tmp_path, small_data):
     lines = []
     result = train(small_config(), run_dir=tmp_path / "run", data_dir=str(small_data),
@@ -127,7 +155,7 @@ def test_ctrl_c_then_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, 
     and says how to continue); resumed, then SIGKILLed at a random moment of a later epoch
     (it loses at most the epoch in progress); resumed again. The weights are the
     uninterrupted run's, bit for bit, and metrics.jsonl holds each epoch once."""
-    recipe = ["--epochs", "5", "--batch-size", "32", "--shift", "1", "--data-dir", str(small_data), *SMALL]
+    recipe = ["--epochs", "4", "--batch-size", "32", "--shift", "1", "--data-dir", str(small_data), *SMALL]
     reference = cli("train", *recipe, "--run-dir", str(tmp_path / "reference"))
     assert reference.returncode == 0, reference.stderr
     run, metrics = tmp_path / "run", tmp_path / "run" / "metrics.jsonl"
@@ -157,7 +185,7 @@ def test_ctrl_c_then_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, 
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout
     assert_same_weights(weights(tmp_path / "reference"), weights(run))
-    assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == [1, 2, 3, 4, 5]
+    assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == [1, 2, 3, 4]
     assert not list(run.glob(".checkpoint.pt.*"))
 
 
@@ -194,10 +222,21 @@ def test_an_existing_run_is_never_overwritten(tmp_path, small_data):
     assert (run / "metrics.jsonl").read_text() == before
 
 
-def test_bf16_autocast_trains_and_fp16_needs_cuda(tmp_path, small_data):
-    result = train(small_config(precision="bf16", epochs=1), run_dir=tmp_path / "bf16",
-                   data_dir=str(small_data), progress=False, log=lambda m: None)
-    assert result.completed and 0 < result.metrics[0]["test_accuracy"] <= 1
+def test_bf16_autocast_trains_as_well_as_fp32_and_fp16_needs_cuda(tmp_path, small_data):
+    """`--precision bf16` works on the CPU: it computes in bf16 (other weights than fp32's)
+    and learns as fp32 does. One epoch of --preset fast at batch 64 (47 steps; measured
+    2026-12-01, seeds 0-2: fp32 69.2, 76.2, 75.9 %, bf16 69.5, 75.9, 74.4 %): within 2 points
+    (on the GPU, the README's 20-epoch runs differ by 0.02 points)."""
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        config = resolve_train_config("fast", {"dataset": "custom", "epochs": 1, "batch_size": 64,
+                                               "precision": precision})
+        runs[precision] = train(config, run_dir=tmp_path / precision, data_dir=str(small_data),
+                                progress=False, log=lambda m: None)
+    fp32, bf16 = (runs[p].metrics[0]["test_accuracy"] for p in ("fp32", "bf16"))
+    assert runs["bf16"].completed and fp32 > 0.6  # it learned (chance is 0.1)
+    assert abs(bf16 - fp32) <= 0.02, (bf16, fp32)
+    assert not torch.equal(weights(tmp_path / "fp32")["conv1.weight"], weights(tmp_path / "bf16")["conv1.weight"])
     if not torch.cuda.is_available():
         assert_one_line_error(cli("train", "--precision", "fp16", "--run-dir", str(tmp_path / "fp16")),
                               "--precision fp16 needs a CUDA device")
