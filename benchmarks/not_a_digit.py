@@ -324,10 +324,12 @@ def main() -> int:
     parser.add_argument("--digits", type=int, default=1000, help="user-style digits (default: 1000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of both sets (default: 0)")
     parser.add_argument("--write", action="store_true", help="save the report in benchmarks/results/")
+    parser.add_argument("--label", default="", help="with --write: added to the file names (e.g. before)")
+    parser.add_argument("--name", help="how the report names the model (default: its path)")
     args = parser.parse_args()
     predictor = make_predictor(args.model, device="cpu")
     result = measure(predictor, count=args.count, digits=args.digits, seed=args.seed)
-    name = "the shipped model" if Path(args.model) == PRETRAINED_DIR else args.model
+    name = args.name or ("the shipped model" if Path(args.model) == PRETRAINED_DIR else args.model)
     text = report(result, name)
     print(text)
     if args.write:
@@ -336,8 +338,9 @@ def main() -> int:
         header = (f"## Not a digit, {today}\n\nMachine: {cpu_name() or cpu}, 2 cores shared with other "
                   f"jobs (times are noisy; the rates are not); `benchmarks/not_a_digit.py --count "
                   f"{args.count} --digits {args.digits} --seed {args.seed}`.\n\n")
-        (RESULTS / f"{today}-not-a-digit.md").write_text(header + text + "\n")
-        (RESULTS / f"{today}-not-a-digit.json").write_text(json.dumps({**result, "model": name}, indent=2) + "\n")
+        stem = f"{today}-not-a-digit" + (f"-{args.label}" if args.label else "")
+        (RESULTS / f"{stem}.md").write_text(header + text + "\n")
+        (RESULTS / f"{stem}.json").write_text(json.dumps({**result, "model": name}, indent=2) + "\n")
     return 0
 
 

@@ -27,10 +27,13 @@ PAGE = 280  # the page's exported canvas, in pixels (serve/static/app.js: EXPORT
 # 0: O o Q D, 1: I l i j | ! / \ ( ) [ ], 2: Z z, 4: y, 5: S s, 6: b G, 8: B, 9: g q a
 DIGIT_LIKE = set("OoQDIlij|!/\\()[]ZzySsbGBgqa")
 TRAIN_LETTERS = "".join(c for c in "ABCEFHJKLMNPRTUVWXYcdefhkmnprtuvwx" if c not in DIGIT_LIKE)
-TRAIN_SYMBOLS = "+=#&@%*?<>~^$€"
+# Symbols, Greek and Cyrillic letters, math and shapes: none a person reads as a digit (no ∂ ∃ ¬
+# Ю), none of benchmarks/not_a_digit.py's held-out shapes (no triangles, diamonds, arrows, ✓).
+TRAIN_SYMBOLS = ("+=#&@%*?<>~^$€ηκνρτχωΛΞΠ∈∋⊂⊃∪∩∧∨∀∝∠⊥≤≥≡■●✗✚¢₩₽¤«»‰†‡"
+                 "ЖДЛПШЩЯИЦжлпшяц")
 TRAIN_FONTS = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSans-BoldOblique.ttf")
 # The kinds of training non-digits and their shares of the bank.
-TRAIN_MIX = {"letter": 0.5, "symbol": 0.2, "scribble": 0.25, "blob": 0.05}
+TRAIN_MIX = {"letter": 0.4, "symbol": 0.3, "scribble": 0.25, "blob": 0.05}
 
 
 def matplotlib_font_dir() -> Path:
