@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageFilter
 
-from mnist_cnn.outliers import (DIGIT_LIKE, PAGE, TRAIN_SYMBOLS, blank_page, draw_glyph, draw_strokes,
+from mnist_cnn.outliers import (DIGIT_LIKE, PAGE, TRAIN_SYMBOLS, draw_glyph, draw_strokes,
                                 matplotlib_font_dir)
 from mnist_cnn.predict import Prediction, make_predictor
 from mnist_cnn.preprocess import preprocess_file
