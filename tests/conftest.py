@@ -199,8 +199,8 @@ def assert_one_line_error(result, *fragments: str, code: int = 2) -> None:
 
 @pytest.fixture(scope="session")
 def shipped_model() -> Path:
-    """The model shipped in the package (the fast preset's 8 epochs, 99.2 %): the same
-    weights on every machine, for tests that expect given answers on given digits (a model
+    """The model shipped in the package (the best-oe preset, 99.6 %): the same weights on
+    every machine, for tests that expect given answers on given digits (a model
     trained during the session differs between CPUs whose kernels round differently).
     It is the package's own folder: copy it before writing anything next to it."""
     from mnist_cnn.checkpoints import PRETRAINED_DIR

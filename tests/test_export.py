@@ -101,7 +101,7 @@ def test_torchscript_export_matches(shipped_model, mnist, tmp_path):
     path = export_model(shipped_model, format="torchscript", output=tmp_path / "m.pt")
     extra = {"config.json": ""}
     scripted = torch.jit.load(str(path), _extra_files=extra)
-    assert json.loads(extra["config.json"])["model"] == "seed"
+    assert json.loads(extra["config.json"])["model"] == "bn"
     digits = mnist["test"][0][:500]
     x = torch.from_numpy(digits[:, None]).float() / 255
     with torch.inference_mode():

@@ -126,7 +126,7 @@ def test_commands_default_to_the_newest_finished_run_else_the_shipped_model(tmp_
     chosen = cli("predict", str(image), cwd=tmp_path)
     assert chosen.returncode == 0 and "using the newest finished run: runs/new" in chosen.stderr
     info = json.loads((checkpoints.PRETRAINED_DIR / runs.MODEL_INFO_FILE).read_text())
-    assert info["config"]["preset"] == "fast" and info["command"].startswith("mnist-cnn train --preset fast")
+    assert info["config"]["preset"] == "best-oe" and info["command"].startswith("mnist-cnn train --preset best-oe")
     assert info["metrics"]["test_accuracy"] >= 0.99
 
 

@@ -250,8 +250,8 @@ def test_health_and_models(client, models, model_dirs, shipped_model):
     assert body["default"] == "digits" and [m["name"] for m in body["models"]] == ["digits", "other"]
     info = body["models"][0]
     model = models[0].predictor.model
-    assert info["architecture"] == "seed" and info["dataset"] == "mnist" and info["backend"] == "torch"
-    assert info["parameters"] == sum(p.numel() for p in model.parameters()) == 28214
+    assert info["architecture"] == "bn" and info["dataset"] == "mnist" and info["backend"] == "torch"
+    assert info["parameters"] == sum(p.numel() for p in model.parameters()) == 171506
     assert info["classes"] == [str(d) for d in range(10)]
     document = json.loads((shipped_model / runs.MODEL_INFO_FILE).read_text())
     assert {k: info["recipe"][k] for k in ("preset", "epochs", "lr")} == {k: document["config"][k] for k in ("preset", "epochs", "lr")}
@@ -346,7 +346,7 @@ def test_onnxruntime_backend_agrees_with_torch(client, model_dirs, tmp_path, dig
     settings = ServeSettings(model_paths=(folder,), backend="onnxruntime")
     onnx = TestClient(create_app(settings))
     info = onnx.get("/api/models").json()["models"][0]
-    assert info["backend"] == "onnxruntime" and info["architecture"] == "seed" and info["classes"][7] == "7"
+    assert info["backend"] == "onnxruntime" and info["architecture"] == "bn" and info["classes"][7] == "7"
     for digit in digits[0][:4]:
         ours, theirs = (post_image(c, user_png(digit)).json() for c in (onnx, client))
         assert ours["label"] == theirs["label"]

@@ -104,9 +104,12 @@ def softmax(logits: "torch.Tensor", temperature: float = 1.0) -> np.ndarray:
 
 
 def calibrate(val_logits: "torch.Tensor", val_labels: "torch.Tensor", test_logits: "torch.Tensor",
-              test_labels: "torch.Tensor") -> dict[str, Any]:
-    """Fit on validation, report on test: the document stored as model.json's "calibration"."""
-    temperature = fit_temperature(val_logits, val_labels)
+              test_labels: "torch.Tensor", *, fit: bool = True) -> dict[str, Any]:
+    """Fit on validation, report on test: the document stored as model.json's "calibration".
+    With `fit` False the temperature stays 1 and only the threshold is fitted: for models
+    trained with outlier exposure, whose flat answers to non-digits a temperature below 1
+    (what the digits' NLL asks for) would sharpen into confident digits."""
+    temperature = fit_temperature(val_logits, val_labels) if fit else 1.0
     val_calibrated = softmax(val_logits, temperature)
     test_before, test_after = softmax(test_logits), softmax(test_logits, temperature)
     threshold = confidence_threshold(val_calibrated, val_labels.cpu().numpy())
@@ -115,6 +118,7 @@ def calibrate(val_logits: "torch.Tensor", val_labels: "torch.Tensor", test_logit
     passing = (test_after.max(axis=1) >= threshold) & correct
     return {
         "temperature": temperature,
+        "temperature_fitted": fit,
         "fitted_on": "validation",
         "validation_images": int(len(val_labels)),
         "ece_bins": ECE_BINS,
@@ -130,8 +134,9 @@ def calibrate(val_logits: "torch.Tensor", val_labels: "torch.Tensor", test_logit
 
 def format_calibration(calibration: dict[str, Any]) -> str:
     """The calibration as the line training prints."""
-    return (f"calibration: temperature {calibration['temperature']:.3f} (fitted on "
-            f"{calibration['validation_images']} validation images); test ECE "
+    fitted = (f"fitted on {calibration['validation_images']} validation images"
+              if calibration.get("temperature_fitted", True) else "kept: outlier exposure")
+    return (f"calibration: temperature {calibration['temperature']:.3f} ({fitted}); test ECE "
             f"{100 * calibration['test_ece_before']:.2f}% -> {100 * calibration['test_ece_after']:.2f}%; "
             f"predict answers unsure below {calibration['min_confidence']:.4f} "
             f"({100 * calibration['test_correct_passing']:.2f}% of correct test answers pass)")

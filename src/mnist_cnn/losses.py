@@ -36,3 +36,10 @@ def summed_loss(name: str, logits: torch.Tensor, labels: torch.Tensor, *,
     """The same loss summed over the batch, for reporting per-sample means over a split."""
     loss = batch_loss(name, logits, labels, label_smoothing=label_smoothing)
     return loss if name == "kl" else loss * labels.shape[0]
+
+
+def outlier_loss(logits: torch.Tensor, *, summed: bool = False) -> torch.Tensor:
+    """Outlier exposure's term (Hendrycks et al. 2019): cross-entropy from the uniform
+    distribution to softmax(logits), the mean over the batch (or its sum, beside kl)."""
+    per_image = -F.log_softmax(logits, dim=1).mean(dim=1)
+    return per_image.sum() if summed else per_image.mean()

@@ -29,10 +29,12 @@ from mnist_cnn.catalog import get_spec
 from mnist_cnn.data import Split, hold_out, load_dataset, steps_per_epoch, train_batches
 from mnist_cnn.distributed import World
 from mnist_cnn.evaluate import evaluate, evaluation_from_logits, evaluation_report, split_logits
-from mnist_cnn.losses import batch_loss
+from mnist_cnn.losses import batch_loss, outlier_loss
 from mnist_cnn.model import count_parameters, to_device
 from mnist_cnn.runtime import environment
 
+OUTLIER_WEIGHT = 0.5  # outlier exposure: weight of the flat-prediction term (Hendrycks et al.'s λ)
+OUTLIER_BANK = 10_000  # at most this many non-digits are drawn, once, at the start of a run
 Log = Callable[[str], None]
 OnEpoch = Callable[[dict[str, Any]], None]  # sees each finished epoch's record; may raise to stop
 
@@ -72,6 +74,7 @@ class Run:
     seconds: float = 0.0  # time spent in the epoch before a resume
     world: World = field(default_factory=World)  # the processes this run is spread over
     net: nn.Module | None = None  # the model under DistributedDataParallel, for training steps
+    outliers: torch.Tensor | None = None  # uint8 (N, 1, 28, 28) non-digits (--outlier-exposure)
 
     @property
     def total_steps(self) -> int:
@@ -263,6 +266,7 @@ def build_run(config: TrainConfig, *, device: torch.device, data_dir: str | None
     if choice != config.kernels:  # recorded as used: config.json and checkpoints say what ran
         log(f"{kernels.ENV}={choice} overrides the run's kernels setting ({config.kernels})")
         config = replace(config, kernels=choice)
+    outliers = make_outliers(config, len(data["train"]), device, log) if config.outlier_exposure else None
     torch.manual_seed(config.seed)
     model = to_device(kernels.build_training_model(
         config.model, num_classes=len(get_spec(config.dataset).classes), choice=config.kernels), device)
@@ -270,7 +274,30 @@ def build_run(config: TrainConfig, *, device: torch.device, data_dir: str | None
                model=model, optimizer=make_optimizer(model, config, device),
                scaler=torch.amp.GradScaler("cuda", enabled=config.precision == "fp16"),
                steps=steps_per_epoch(len(data["train"]), config.batch_size),
-               loss_sum=torch.zeros((), device=device))
+               loss_sum=torch.zeros((), device=device), outliers=outliers)
+
+
+def make_outliers(config: TrainConfig, train_size: int, device: torch.device, log: Log) -> torch.Tensor:
+    """The non-digits of --outlier-exposure, a function of the seed alone (the same in every
+    process and on resume): as many as one epoch draws (F x the training images), at least
+    256 and at most OUTLIER_BANK (10,000: about 40 s of drawing on 2 cores)."""
+    from mnist_cnn.outliers import training_outliers
+
+    started = time.perf_counter()
+    count = min(OUTLIER_BANK, max(256, round(config.outlier_exposure * train_size)))
+    bank = torch.from_numpy(training_outliers(count, seed=config.seed))[:, None].to(device)
+    log(f"outlier exposure: drew {count} non-digits in {time.perf_counter() - started:.1f}s")
+    return bank
+
+
+def outlier_batch(run: Run, digits: int) -> torch.Tensor | None:
+    """--outlier-exposure F: F x `digits` random non-digits from the bank, scaled to [0, 1]
+    (drawn from the global RNG, saved in every checkpoint)."""
+    count = round(run.config.outlier_exposure * digits) if run.outliers is not None else 0
+    if count == 0:
+        return None
+    index = torch.randint(len(run.outliers), (count,), device=run.outliers.device)
+    return run.outliers[index].float() / 255.0
 
 
 def restore(run: Run, state: dict[str, Any]) -> None:
@@ -367,11 +394,17 @@ def train_one_epoch(run: Run, stop: StopRequest, *, progress: bool) -> bool:
             lr = learning_rate(run.epoch * run.steps + run.step, run.total_steps, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            extra = outlier_batch(run, len(y))
+            if extra is not None:  # one forward pass over digits and non-digits together
+                x = torch.cat([x, extra])
             x = augment(x, rotate=config.rotate, scale=config.scale, shift=config.shift)
             with autocast_context(config, run.device):
                 logits = net(x)
+            logits, outlier_logits = logits[:len(y)], logits[len(y):]
             loss = batch_loss(config.loss, logits.float(), y, label_smoothing=config.label_smoothing)
-            summed = loss.detach() if config.loss == "kl" else loss.detach() * len(y)
+            summed = loss.detach() if config.loss == "kl" else loss.detach() * len(y)  # digits only
+            if len(outlier_logits):
+                loss = loss + OUTLIER_WEIGHT * outlier_loss(outlier_logits.float(), summed=config.loss == "kl")
             if world.size > 1:  # the global batch's gradient and summed loss, as one process's
                 images = min(config.batch_size, len(run.data["train"]) - run.step * config.batch_size)
                 loss = world.objective(loss, images=images, mean=config.loss != "kl", share=len(y))
@@ -443,7 +476,8 @@ def save_final_model(run: Run, *, log: Log = print) -> Path:
     calibration = None
     if "val" in run.data:
         calibration = calibrate(split_logits(run.model, run.data["val"], batch_size=run.config.eval_batch_size),
-                                run.data["val"].labels, test_logits, run.data["test"].labels)
+                                run.data["val"].labels, test_logits, run.data["test"].labels,
+                                fit=not run.config.outlier_exposure)
         log(format_calibration(calibration))
     info = {
         "metrics": run.metrics[-1] if run.metrics else {},
