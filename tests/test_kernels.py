@@ -173,6 +173,17 @@ def test_switch_and_evaluation_use_torch_ops(monkeypatch):
         assert block_backends(model, images) is None
 
 
+@needs_library
+@pytest.mark.parametrize("vendor, expected", [("GenuineIntel", True), ("AuthenticAMD", True),
+                                              ("SomeOtherVendor", False)])
+def test_auto_uses_the_kernels_on_both_measured_vendors(monkeypatch, vendor, expected):
+    monkeypatch.setattr(kernels, "_cpu_vendor", lambda: vendor)
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    assert [kernels.wanted(block) for block in kernels.BLOCKS] == [expected, expected]
+    monkeypatch.setenv(kernels.ENV, "torch")
+    assert not any(kernels.wanted(block) for block in kernels.BLOCKS)
+
+
 def test_bad_switch_value_is_one_line_error(monkeypatch):
     monkeypatch.setenv(kernels.ENV, "fast")
     with pytest.raises(kernels.KernelError, match="MNIST_CNN_KERNELS='fast' is not one of: auto, torch, custom"):

@@ -43,15 +43,18 @@ SOURCE = Path(__file__).with_name("kernels.c")
 CFLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-std=c11")
 
 # Where `auto` uses the kernels: measured faster (forward + backward of each block at batch 128
-# and 256, the whole step, and an epoch; channels-last, interleaved with the reference ops) on
-# an Intel Xeon with AVX-512 (KVM guest, 2 cores), 2026-11-30, with 1 thread: the cores were
-# shared with other jobs, which makes 2-thread timings scatter 2x (see the README and
-# benchmarks/kernels.py). AMD could not be measured: there `auto` keeps the reference ops
-# until someone measures it (MNIST_CNN_KERNELS=custom to try).
+# and 256, the whole step, and an epoch; channels-last, interleaved with the reference ops)
+# - on an Intel Xeon with AVX-512 (KVM guest, 2 cores), 2026-11-30, with 1 thread: the cores were
+#   shared with other jobs, which makes 2-thread timings scatter 2x (see benchmarks/kernels.py);
+# - on an AMD EPYC (Zen 5, AVX-512; KVM guest, 2 cores), 2026-12-01, shared with 6 other jobs:
+#   the whole step 2.5-2.9x faster with 1 thread, 1.4-1.8x with 2 (torch's ops suffer most from
+#   the contention there), each fused block 2.3-5x (docs/performance-round3.md).
+# Other vendors keep the reference ops until someone measures them (MNIST_CNN_KERNELS=custom).
 # (Training runs that hung on 2026-11-30 ~13:30-13:40 met a worker pool that could miss its
 # first job; the pool is gone — each call starts and joins its own threads — and tests run two
 # trainings at once, in two processes and in two threads.)
-DEFAULT_ON: dict[str, dict[str, bool]] = {"GenuineIntel": {"conv1": True, "conv2": True}}
+DEFAULT_ON: dict[str, dict[str, bool]] = {"GenuineIntel": {"conv1": True, "conv2": True},
+                                          "AuthenticAMD": {"conv1": True, "conv2": True}}
 # The block's convolution computed inside the kernel (no full-size map) rather than by torch
 # (oneDNN), where measured faster (same machine and runs as DEFAULT_ON).
 FUSED = {"conv1": True, "conv2": True}
