@@ -121,6 +121,65 @@ def test_deterministic():
             assert torch.equal(a, b)
 
 
+def run_head(x, params, grad, *, force, seed=5, p=0.2):
+    torch.manual_seed(seed)  # the dropout mask comes from the global generator in both
+    out = kernels.head(x, *params, p=p, force=force)
+    return (out, *torch.autograd.grad(out, (x, *params), grad))
+
+
+def head_inputs(batch: int, classes: int = 10):
+    generator = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, 256, generator=generator).requires_grad_()
+    lin1, lin2 = torch.nn.Linear(256, 96), torch.nn.Linear(96, classes)
+    grad = torch.randn(batch, classes, generator=generator)
+    return x, (lin1.weight, lin1.bias, lin2.weight, lin2.bias), grad
+
+
+@needs_library
+@pytest.mark.parametrize("batch", [1, 2, 7, 33, 128])
+def test_head_matches_torch(batch):
+    x, params, grad = head_inputs(batch)
+    ours = run_head(x, params, grad, force=True)
+    reference = run_head(x, params, grad, force=False)
+    assert ours[0].grad_fn.name() == "HeadBackward"
+    assert reference[0].grad_fn.name() == "AddmmBackward0"
+    for name, a, b in zip(("logits", "input", "w1", "b1", "w2", "b2"), ours, reference):
+        assert a.shape == b.shape
+        assert relative_error(a, b) <= 1e-5, name
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+    # (values within 1e-5: the same dropout mask; another would differ by far more)
+
+
+@needs_library
+def test_head_is_deterministic_and_draws_like_dropout():
+    x, params, grad = head_inputs(64)
+    first, second = run_head(x, params, grad, force=True), run_head(x, params, grad, force=True)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    other = run_head(x, params, grad, force=True, seed=6)  # another mask, other values
+    assert not torch.equal(first[0], other[0])
+    # after the head, the global generator stands where torch's dropout leaves it
+    torch.manual_seed(5)
+    kernels.head(x, *params, p=0.2, force=True)
+    after_ours = torch.rand(3)
+    torch.manual_seed(5)
+    kernels.head(x, *params, p=0.2, force=False)
+    assert torch.equal(after_ours, torch.rand(3))
+
+
+@needs_library
+def test_head_falls_back_where_it_does_not_apply():
+    x, params, grad = head_inputs(4)
+    for p in (0.0, 1.0):  # no mask to draw: torch's ops (which draw none either)
+        out = kernels.head(x, *params, p=p, force=True)
+        assert out.grad_fn.name() == "AddmmBackward0"
+    wide = torch.nn.Linear(256, 64)  # another hidden size
+    out = kernels.head(x, wide.weight, wide.bias, torch.randn(10, 64), torch.randn(10), p=0.2, force=True)
+    assert out.grad_fn.name() == "AddmmBackward0"
+    x17, params17, _ = head_inputs(3, classes=17)  # more classes than the kernel's 16 lanes
+    assert kernels.head(x17, *params17, p=0.2, force=True).grad_fn.name() == "AddmmBackward0"
+
+
 def seed_step(images, labels, monkeypatch, choice: str):
     monkeypatch.setenv(kernels.ENV, choice)
     torch.manual_seed(0)

@@ -490,3 +490,218 @@ static void sum_partials(const float *partial, int threads, int64_t n, float *dw
 DEFINE_BLOCK(conv1, 28, 28, 1, 6, 5, weight_grad_v8x1, input_grad)
 /* conv2: (B, 12, 12, 6) -> conv 5x5 -> (B, 8, 8, 16) -> pool -> (B, 4, 4, 16) */
 DEFINE_BLOCK(conv2, 12, 12, 6, 16, 5, weight_grad_v16x2, input_grad_v16x2)
+
+/* ------------------------------------------------------------------ the head: linear -> dropout -> ReLU -> linear
+
+   logits = relu((x W1^T + b1) * noise) W2^T + b2 for a batch x (B, I), W1 (HEAD_H, I), W2 (O, HEAD_H)
+   and dropout's scaled mask `noise` (B, HEAD_H), drawn by the caller as torch's dropout draws it;
+   I a multiple of 128, O at most 16 (the seed model: I = 256, HEAD_H = 96, O = 10). The forward
+   keeps d = (x W1^T + b1) * noise (B, HEAD_H) for the backward. Every output element is one sum
+   in a fixed order (bias first, then the inner index ascending) computed by one thread, so the
+   results depend on the inputs only, not on the thread count. Rows are held in registers as
+   vectors of 16 lanes, a few rows at once, so each loaded weight vector serves several FMAs. */
+
+#define HEAD_H 96
+#define HEAD_NV (HEAD_H / 16)
+#define HEAD_ROWS 4 /* forward: batch rows per pass (HEAD_ROWS * HEAD_NV accumulators) */
+
+struct head_args {
+    const float *x, *w1, *b1, *w2, *b2, *noise, *g;
+    float *w1t;   /* (I, HEAD_H): W1 transposed, for the forward */
+    float *w2t;   /* (HEAD_H, 16): W2 transposed, zero-padded to 16 classes */
+    float *b2t;   /* (16): b2, zero-padded */
+    float *d, *logits, *dw1, *db1, *dw2, *db2, *dx, *dh;
+    int64_t batch, in, out;
+};
+
+static void head_fwd_chunk(void *arg, int thread, int64_t begin, int64_t end) {
+    (void)thread;
+    const struct head_args *a = (const struct head_args *)arg;
+    const int64_t I = a->in, O = a->out;
+    for (int64_t b0 = begin; b0 < end; b0 += HEAD_ROWS) {
+        const int rows = end - b0 < HEAD_ROWS ? (int)(end - b0) : HEAD_ROWS;
+        v16 acc[HEAD_ROWS][HEAD_NV];
+        for (int r = 0; r < HEAD_ROWS; r++)
+            for (int v = 0; v < HEAD_NV; v++) acc[r][v] = *(const v16 *)(a->b1 + 16 * v);
+        const float *xr[HEAD_ROWS];
+        for (int r = 0; r < HEAD_ROWS; r++) xr[r] = a->x + (b0 + (r < rows ? r : 0)) * I;
+        for (int64_t k = 0; k < I; k++) {
+            const float *wk = a->w1t + k * HEAD_H;
+            for (int v = 0; v < HEAD_NV; v++) {
+                const v16 w = *(const v16 *)(wk + 16 * v);
+                for (int r = 0; r < HEAD_ROWS; r++) acc[r][v] += xr[r][k] * w;
+            }
+        }
+        /* d = h * noise; logits = b2 + relu(d) W2^T, the O classes in the lanes of one vector */
+        float relu[HEAD_ROWS][HEAD_H];
+        v16 out[HEAD_ROWS];
+        for (int r = 0; r < HEAD_ROWS; r++) {
+            const int64_t b = b0 + (r < rows ? r : 0);
+            const float *nb = a->noise + b * HEAD_H;
+            const v16 zero = {0};
+            for (int v = 0; v < HEAD_NV; v++) {
+                const v16 dv = acc[r][v] * *(const v16 *)(nb + 16 * v);
+                if (r < rows) *(v16 *)(a->d + b * HEAD_H + 16 * v) = dv;
+                *(v16 *)(relu[r] + 16 * v) = (v16)((v16i)(dv > zero) & (v16i)dv);
+            }
+            out[r] = *(const v16 *)a->b2t;
+        }
+        for (int j = 0; j < HEAD_H; j++) {
+            const v16 w = *(const v16 *)(a->w2t + 16 * j);
+            for (int r = 0; r < HEAD_ROWS; r++) out[r] += relu[r][j] * w;
+        }
+        for (int r = 0; r < rows; r++) {
+            float lanes[16];
+            memcpy(lanes, &out[r], sizeof(lanes));
+            memcpy(a->logits + (b0 + r) * O, lanes, sizeof(float) * O);
+        }
+    }
+}
+
+static void transpose_chunk(void *arg, int thread, int64_t begin, int64_t end) {
+    (void)thread;
+    const struct head_args *a = (const struct head_args *)arg;
+    for (int64_t k = begin; k < end; k++)
+        for (int64_t j = 0; j < HEAD_H; j++) a->w1t[k * HEAD_H + j] = a->w1[j * a->in + k];
+    if (begin == 0) {
+        memset(a->w2t, 0, sizeof(float) * 16 * (HEAD_H + 1));
+        for (int64_t j = 0; j < HEAD_H; j++)
+            for (int64_t c = 0; c < a->out; c++) a->w2t[16 * j + c] = a->w2[c * HEAD_H + j];
+        for (int64_t c = 0; c < a->out; c++) a->b2t[c] = a->b2[c];
+    }
+}
+
+/* x (B, I), w1 (HEAD_H, I), b1 (HEAD_H), w2 (O, HEAD_H), b2 (O), noise (B, HEAD_H) ->
+   d (B, HEAD_H), logits (B, O); contiguous rows. Returns 1 when out of memory, 2 for sizes
+   this kernel does not handle. */
+int head_fwd(const float *x, const float *w1, const float *b1, const float *w2, const float *b2,
+             const float *noise, float *d, float *logits, int64_t batch, int64_t in, int64_t hidden,
+             int64_t out, int threads) {
+    if (hidden != HEAD_H || in % 128 || out < 1 || out > 16) return 2;
+    float *w1t = (float *)malloc(sizeof(float) * (in * HEAD_H + 16 * (HEAD_H + 1)));
+    if (!w1t) return 1;
+    struct head_args a = {.x = x, .w1 = w1, .b1 = b1, .w2 = w2, .b2 = b2, .noise = noise, .w1t = w1t,
+                          .w2t = w1t + in * HEAD_H, .b2t = w1t + in * HEAD_H + 16 * HEAD_H, .d = d, .logits = logits, .batch = batch, .in = in, .out = out};
+    parallel(transpose_chunk, &a, in, threads);
+    parallel(head_fwd_chunk, &a, batch, threads);
+    free(w1t);
+    return 0;
+}
+
+/* rows b of dh = (d > 0 ? g W2 : 0) * noise, and of dx = dh W1, two rows and 128 columns of
+   dx at a time */
+static void head_bwd_rows_chunk(void *arg, int thread, int64_t begin, int64_t end) {
+    (void)thread;
+    const struct head_args *a = (const struct head_args *)arg;
+    const int64_t I = a->in, O = a->out;
+    for (int64_t b = begin; b < end; b++) {
+        float *hb = a->dh + b * HEAD_H;
+        const float *gb = a->g + b * O;
+        const float *db = a->d + b * HEAD_H;
+        const float *nb = a->noise + b * HEAD_H;
+        v16 acc[HEAD_NV];
+        for (int v = 0; v < HEAD_NV; v++) acc[v] = (v16){0};
+        for (int c = 0; c < O; c++)
+            for (int v = 0; v < HEAD_NV; v++) acc[v] += gb[c] * *(const v16 *)(a->w2 + c * HEAD_H + 16 * v);
+        for (int v = 0; v < HEAD_NV; v++) {
+            const v16 dv = *(const v16 *)(db + 16 * v);
+            const v16 zero = {0};
+            v16 open = (v16)(dv > zero);
+            *(v16 *)(hb + 16 * v) = (v16)((v16i)open & (v16i)acc[v]) * *(const v16 *)(nb + 16 * v);
+        }
+    }
+    if (!a->dx) return;
+    for (int64_t b0 = begin; b0 < end; b0 += 2) {
+        const int rows = end - b0 < 2 ? 1 : 2;
+        const float *h0 = a->dh + b0 * HEAD_H, *h1 = a->dh + (b0 + rows - 1) * HEAD_H;
+        for (int64_t k0 = 0; k0 < I; k0 += 128) {
+            v16 acc0[8], acc1[8];
+            for (int v = 0; v < 8; v++) acc0[v] = acc1[v] = (v16){0};
+            for (int j = 0; j < HEAD_H; j++) {
+                const float *wj = a->w1 + j * I + k0;
+                const float s0 = h0[j], s1 = h1[j];
+                for (int v = 0; v < 8; v++) {
+                    const v16 w = *(const v16 *)(wj + 16 * v);
+                    acc0[v] += s0 * w;
+                    acc1[v] += s1 * w;
+                }
+            }
+            for (int v = 0; v < 8; v++) *(v16 *)(a->dx + b0 * I + k0 + 16 * v) = acc0[v];
+            if (rows == 2)
+                for (int v = 0; v < 8; v++) *(v16 *)(a->dx + (b0 + 1) * I + k0 + 16 * v) = acc1[v];
+        }
+    }
+}
+
+/* rows j of dW1 = dh^T x and db1 = sum_b dh, two rows and 128 columns at a time */
+static void head_bwd_weights_chunk(void *arg, int thread, int64_t begin, int64_t end) {
+    (void)thread;
+    const struct head_args *a = (const struct head_args *)arg;
+    const int64_t I = a->in, B = a->batch;
+    for (int64_t j = begin; j < end; j++) {
+        float s = 0.0f;
+        for (int64_t b = 0; b < B; b++) s += a->dh[b * HEAD_H + j];
+        a->db1[j] = s;
+    }
+    for (int64_t j0 = begin; j0 < end; j0 += 2) {
+        const int rows = end - j0 < 2 ? 1 : 2;
+        const int64_t j1 = j0 + rows - 1;
+        for (int64_t k0 = 0; k0 < I; k0 += 128) {
+            v16 acc0[8], acc1[8];
+            for (int v = 0; v < 8; v++) acc0[v] = acc1[v] = (v16){0};
+            for (int64_t b = 0; b < B; b++) {
+                const float *xb = a->x + b * I + k0;
+                const float s0 = a->dh[b * HEAD_H + j0], s1 = a->dh[b * HEAD_H + j1];
+                for (int v = 0; v < 8; v++) {
+                    const v16 xv = *(const v16 *)(xb + 16 * v);
+                    acc0[v] += s0 * xv;
+                    acc1[v] += s1 * xv;
+                }
+            }
+            for (int v = 0; v < 8; v++) *(v16 *)(a->dw1 + j0 * I + k0 + 16 * v) = acc0[v];
+            if (rows == 2)
+                for (int v = 0; v < 8; v++) *(v16 *)(a->dw1 + j1 * I + k0 + 16 * v) = acc1[v];
+        }
+    }
+}
+
+/* dW2 = g^T relu(d), db2 = sum_b g */
+static void head_bwd_last(const struct head_args *a) {
+    const int64_t O = a->out, B = a->batch;
+    for (int64_t c = 0; c < O; c++) {
+        v16 acc[HEAD_NV];
+        float s = 0.0f;
+        for (int v = 0; v < HEAD_NV; v++) acc[v] = (v16){0};
+        for (int64_t b = 0; b < B; b++) {
+            const float gv = a->g[b * O + c];
+            const float *db = a->d + b * HEAD_H;
+            s += gv;
+            for (int v = 0; v < HEAD_NV; v++) {
+                const v16 dv = *(const v16 *)(db + 16 * v);
+                const v16 zero = {0};
+                acc[v] += gv * (v16)((v16i)(dv > zero) & (v16i)dv);
+            }
+        }
+        for (int v = 0; v < HEAD_NV; v++) *(v16 *)(a->dw2 + c * HEAD_H + 16 * v) = acc[v];
+        a->db2[c] = s;
+    }
+}
+
+/* From the logits' gradient g (B, O) and the forward's d: dw1 (HEAD_H, I), db1 (HEAD_H),
+   dw2 (O, HEAD_H), db2 (O) and, when dx is not NULL, dx (B, I). Returns 1 when out of memory,
+   2 for sizes this kernel does not handle. */
+int head_bwd(const float *g, const float *x, const float *w1, const float *w2, const float *noise,
+             const float *d, float *dw1, float *db1, float *dw2, float *db2, float *dx,
+             int64_t batch, int64_t in, int64_t hidden, int64_t out, int threads) {
+    if (hidden != HEAD_H || in % 128 || out < 1 || out > 16) return 2;
+    float *dh = (float *)malloc(sizeof(float) * batch * HEAD_H);
+    if (!dh) return 1;
+    struct head_args a = {.x = x, .w1 = w1, .w2 = w2, .noise = noise, .g = g, .d = (float *)d, .dw1 = dw1,
+                          .db1 = db1, .dw2 = dw2, .db2 = db2, .dx = dx, .dh = dh,
+                          .batch = batch, .in = in, .out = out};
+    parallel(head_bwd_rows_chunk, &a, batch, threads);
+    parallel(head_bwd_weights_chunk, &a, HEAD_H, threads);
+    head_bwd_last(&a);
+    free(dh);
+    return 0;
+}

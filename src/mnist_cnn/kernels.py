@@ -53,8 +53,8 @@ CFLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-std=c11")
 # (Training runs that hung on 2026-11-30 ~13:30-13:40 met a worker pool that could miss its
 # first job; the pool is gone — each call starts and joins its own threads — and tests run two
 # trainings at once, in two processes and in two threads.)
-DEFAULT_ON: dict[str, dict[str, bool]] = {"GenuineIntel": {"conv1": True, "conv2": True},
-                                          "AuthenticAMD": {"conv1": True, "conv2": True}}
+DEFAULT_ON: dict[str, dict[str, bool]] = {"GenuineIntel": {"conv1": True, "conv2": True, "head": True},
+                                          "AuthenticAMD": {"conv1": True, "conv2": True, "head": True}}
 # The block's convolution computed inside the kernel (no full-size map) rather than by torch
 # (oneDNN), where measured faster (same machine and runs as DEFAULT_ON).
 FUSED = {"conv1": True, "conv2": True}
@@ -150,6 +150,10 @@ def _declare(lib: ctypes.CDLL) -> None:
         backward = getattr(lib, f"{name}_conv_pool_bwd")
         backward.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p, p, i64, i32]
         backward.restype = i32
+    lib.head_fwd.argtypes = [p, p, p, p, p, p, p, p, i64, i64, i64, i64, i32]
+    lib.head_fwd.restype = i32
+    lib.head_bwd.argtypes = [p, p, p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i32]
+    lib.head_bwd.restype = i32
 
 
 def load_library() -> ctypes.CDLL | None:
@@ -291,3 +295,80 @@ def conv_pool_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *,
     if use and bias is not None and applies(x, weight, spec):
         return ConvPoolReLU.apply(x, weight, bias, spec, flat_output, FUSED[block] if fused is None else fused)
     return reference(x, weight, bias)
+
+
+# ---------------------------------------------------------------- the head: linear -> dropout -> ReLU -> linear
+
+
+def dropout_noise(like: torch.Tensor, p: float) -> torch.Tensor:
+    """The scaled mask torch's dropout multiplies by on the CPU, drawn as it draws it (same
+    random stream): bernoulli(1 - p), divided by 1 - p."""
+    noise = torch.empty_like(like).bernoulli_(1 - p)
+    return noise.div_(1 - p)
+
+
+# The head's sizes the C code handles (the seed model's: 256 -> 96 -> 10), and its threads: one,
+# as its work (~0.1 ms a step at batch 128) is no larger than starting and joining a thread.
+HEAD_HIDDEN, HEAD_IN_MULTIPLE, HEAD_MAX_CLASSES, HEAD_THREADS = 96, 128, 16, 1
+
+
+def _check(status: int, where: str) -> None:
+    if status == 1:
+        raise MemoryError(f"mnist-cnn kernels: out of memory in the head's {where}")
+    if status:
+        raise RuntimeError(f"mnist-cnn kernels: the head's {where} does not handle these sizes")
+
+
+class Head(torch.autograd.Function):
+    """relu(dropout(linear(x, w1, b1))) -> linear(., w2, b2) with one C call each way."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, p: float):
+        lib = load_library()
+        x, w1, b1, w2, b2 = (t.contiguous() for t in (x, w1, b1, w2, b2))
+        batch, (hidden, features), classes = x.shape[0], w1.shape, w2.shape[0]
+        noise = dropout_noise(torch.empty(batch, hidden), p)
+        dropped = torch.empty(batch, hidden)  # (B, H) dropout's output, before the ReLU
+        logits = torch.empty(batch, classes)
+        _check(lib.head_fwd(x.data_ptr(), w1.data_ptr(), b1.data_ptr(), w2.data_ptr(), b2.data_ptr(),
+                            noise.data_ptr(), dropped.data_ptr(), logits.data_ptr(),
+                            batch, features, hidden, classes, HEAD_THREADS), "forward")
+        ctx.save_for_backward(x, w1, w2, noise, dropped)
+        return logits
+
+    @staticmethod
+    def backward(ctx, grad):
+        lib = load_library()
+        x, w1, w2, noise, dropped = ctx.saved_tensors
+        grad = grad.float().contiguous()
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        grad_w1, grad_b1 = torch.empty_like(w1), torch.empty(w1.shape[0])
+        grad_w2, grad_b2 = torch.empty_like(w2), torch.empty(w2.shape[0])
+        _check(lib.head_bwd(grad.data_ptr(), x.data_ptr(), w1.data_ptr(), w2.data_ptr(), noise.data_ptr(),
+                            dropped.data_ptr(), grad_w1.data_ptr(), grad_b1.data_ptr(), grad_w2.data_ptr(),
+                            grad_b2.data_ptr(), grad_x.data_ptr() if grad_x is not None else None,
+                            x.shape[0], x.shape[1], w1.shape[0], w2.shape[0], HEAD_THREADS), "backward")
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None
+
+
+def reference_head(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                   b2: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """The same head with torch's ops (dropout before the ReLU, as the tutorial has it)."""
+    return F.linear(F.relu(F.dropout(F.linear(x, w1, b1), p, training)), w2, b2)
+
+
+def head(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, *,
+         p: float, force: bool | None = None) -> torch.Tensor:
+    """The seed model's training head, linear(relu(dropout(linear(x, w1, b1), p)), w2, b2), for
+    (B, I) x: the custom kernel when `force` (or, if None, `wanted("head")`) and it applies
+    (CPU float32, the seed's hidden size, 0 < p < 1, no autocast), else torch's ops. Both draw dropout's mask from the
+    global generator the same way, so they train alike."""
+    use = wanted("head") if force is None else (force and load_library() is not None)
+    tensors = (x, w1, b1, w2, b2)
+    if (use and 0.0 < p < 1.0 and x.dim() == 2 and x.shape[0] > 0 and b1 is not None and b2 is not None
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and w1.shape == (HEAD_HIDDEN, x.shape[1]) and x.shape[1] % HEAD_IN_MULTIPLE == 0
+            and w2.shape[1] == HEAD_HIDDEN and 1 <= w2.shape[0] <= HEAD_MAX_CLASSES
+            and not torch.is_autocast_enabled("cpu")):
+        return Head.apply(x, w1, b1, w2, b2, float(p))
+    return reference_head(x, w1, b1, w2, b2, p)

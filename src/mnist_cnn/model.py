@@ -50,6 +50,9 @@ class SeedCNN(nn.Module):
             # its faster kernels where they apply and were measured faster (MNIST_CNN_KERNELS).
             x = kernels.conv_pool_relu(x, self.conv1.weight, self.conv1.bias, block="conv1")
             x = kernels.conv_pool_relu(x, self.conv2.weight, self.conv2.bias, block="conv2", flat_output=True)
+            # lin1 -> dropout -> ReLU -> lin2 as one step each way (the same dropout mask)
+            return kernels.head(self.flatten(x), self.lin1.weight, self.lin1.bias, self.lin2.weight,
+                                self.lin2.bias, p=self.drop1.p)  # (b, 10) logits
         else:  # evaluation, inference, export: the plain torch ops
             x = F.relu(self.pool1(self.conv1(x)))  # (b, 6, 12, 12)
             x = F.relu(self.pool2(self.conv2(x)))  # (b, 16, 4, 4)
