@@ -243,6 +243,16 @@ def test_auto_uses_the_kernels_on_both_measured_vendors(monkeypatch, vendor, exp
     assert not any(kernels.wanted(block) for block in kernels.BLOCKS)
 
 
+def test_the_cpu_is_read_once_per_process():
+    # wanted() runs on every training step: /proc/cpuinfo (~1 KB per core) is read once
+    kernels._cpu_signature()
+    before = kernels._cpu_signature.cache_info()
+    for _ in range(3):
+        kernels.wanted("conv1")
+    after = kernels._cpu_signature.cache_info()
+    assert after.misses == before.misses and after.hits >= before.hits + 3
+
+
 def test_bad_switch_value_is_one_line_error(monkeypatch):
     monkeypatch.setenv(kernels.ENV, "fast")
     with pytest.raises(kernels.KernelError, match="MNIST_CNN_KERNELS='fast' is not one of: auto, torch, custom"):
