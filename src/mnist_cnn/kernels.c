@@ -366,8 +366,48 @@ struct bwd_args {
         }                                                                                      \
     }
 
-DEFINE_WEIGHT_GRAD(weight_grad_v8x1, v8, 8, 1)    /* rows of 5 (conv1) */
 DEFINE_WEIGHT_GRAD(weight_grad_v16x2, v16, 16, 2) /* rows of 30 (conv2) */
+
+/* conv1's weight gradient (Ci = 1: rows of 5 taps): all six channels of a pooled pixel at once,
+   6 x 5 accumulators, so the pixel's index bytes and gradients are read once and no
+   accumulator waits for the one before; each image is first copied into a padded buffer, so
+   the 8-lane row loads never read past it. */
+static inline __attribute__((always_inline)) void weight_grad_conv1(
+    const struct bwd_args *a, float *restrict dw, float *restrict db, int64_t begin,
+    int64_t end, const int Hi, const int Wi, const int Ci, const int Co, const int K) {
+    enum { N = 28, C = 6, T = 5, P = 12 };
+    (void)Hi; (void)Wi; (void)Ci; (void)Co; (void)K;
+    v8 acc[C][T];
+    float dbs[C] = {0};
+    float img[N * N + 8] __attribute__((aligned(64)));
+    for (int o = 0; o < C; o++)
+        for (int kh = 0; kh < T; kh++) acc[o][kh] = (v8){0};
+    memset(img + N * N, 0, 8 * sizeof(float));
+    for (int64_t b = begin; b < end; b++) {
+        memcpy(img, a->x + b * N * N, N * N * sizeof(float));
+        const uint8_t *ib = a->idx + b * P * P * C;
+        const float *gb = a->g + b * a->gsb;
+        for (int py = 0; py < P; py++) {
+            for (int px = 0; px < P; px++) {
+                const uint8_t *ip = ib + (py * P + px) * C;
+                const float *gp = gb + py * a->gsh + px * a->gsw;
+                for (int o = 0; o < C; o++) {
+                    /* branch-free: a closed ReLU (k == 4) adds zeros at position 0 */
+                    const int k = ip[o] & 7;
+                    const float gv = k == 4 ? 0.0f : gp[o * a->gsc];
+                    const float *xp = img + (2 * py + ((k >> 1) & 1)) * N + 2 * px + (k & 1);
+                    dbs[o] += gv;
+                    for (int kh = 0; kh < T; kh++) acc[o][kh] += gv * *(const v8 *)(xp + kh * N);
+                }
+            }
+        }
+    }
+    for (int o = 0; o < C; o++) {
+        for (int kh = 0; kh < T; kh++)
+            for (int kw = 0; kw < T; kw++) dw[(o * T + kh) * T + kw] = acc[o][kh][kw];
+        db[o] = dbs[o];
+    }
+}
 
 static inline __attribute__((always_inline)) void input_grad(
     const struct bwd_args *a, int64_t begin, int64_t end,
@@ -487,7 +527,7 @@ static void sum_partials(const float *partial, int threads, int64_t n, float *dw
     }
 
 /* conv1: (B, 28, 28, 1) -> conv 5x5 -> (B, 24, 24, 6) -> pool -> (B, 12, 12, 6) */
-DEFINE_BLOCK(conv1, 28, 28, 1, 6, 5, weight_grad_v8x1, input_grad)
+DEFINE_BLOCK(conv1, 28, 28, 1, 6, 5, weight_grad_conv1, input_grad)
 /* conv2: (B, 12, 12, 6) -> conv 5x5 -> (B, 8, 8, 16) -> pool -> (B, 4, 4, 16) */
 DEFINE_BLOCK(conv2, 12, 12, 6, 16, 5, weight_grad_v16x2, input_grad_v16x2)
 
