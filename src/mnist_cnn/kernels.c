@@ -258,38 +258,46 @@ static void conv2_fused_chunk(void *arg, int thread, int64_t begin, int64_t end)
     for (int64_t b = begin; b < end; b++) {
         const float *img = a->x + b * N * N * C;
         for (int py = 0; py < P; py++) {
-            for (int px = 0; px < P; px++) {
-                v16a acc[4] = {bv, bv, bv, bv}; /* window positions 0 1 / 2 3 */
+            /* two pooled pixels (px, px + 1) at once: 8 accumulators, each weight vector
+               loaded once for the 8 FMAs */
+            for (int px = 0; px < P; px += 2) {
+                v16a acc[2][4]; /* [pixel][window position 0 1 / 2 3] */
+                for (int q = 0; q < 2; q++)
+                    for (int s = 0; s < 4; s++) acc[q][s] = bv;
                 for (int kh = 0; kh < K; kh++) {
                     const float *r0 = img + ((2 * py + kh) * N + 2 * px) * C;
                     const float *r1 = r0 + N * C;
                     for (int kw = 0; kw < K; kw++) {
                         for (int c = 0; c < C; c++) {
                             const v16a w = wt[kh][kw][c];
-                            acc[0] += r0[kw * C + c] * w;
-                            acc[1] += r0[(kw + 1) * C + c] * w;
-                            acc[2] += r1[kw * C + c] * w;
-                            acc[3] += r1[(kw + 1) * C + c] * w;
+                            for (int q = 0; q < 2; q++) {
+                                acc[q][0] += r0[(2 * q + kw) * C + c] * w;
+                                acc[q][1] += r0[(2 * q + kw + 1) * C + c] * w;
+                                acc[q][2] += r1[(2 * q + kw) * C + c] * w;
+                                acc[q][3] += r1[(2 * q + kw + 1) * C + c] * w;
+                            }
                         }
                     }
                 }
-                v16i g1 = acc[1] > acc[0];
-                v16a m0 = select16(g1, acc[1], acc[0]);
-                v16i k0 = g1 & 1;
-                v16i g3 = acc[3] > acc[2];
-                v16a m1 = select16(g3, acc[3], acc[2]);
-                v16i k1 = 2 + (g3 & 1);
-                v16i g = m1 > m0;
-                v16a mx = select16(g, m1, m0);
-                v16i k = (g & k1) | (~g & k0);
-                v16i open = mx > zero;
-                mx = select16(open, mx, zero);
-                k = (open & k) | (~open & 4);
-                float *out = a->out + b * a->osb + py * a->osh + px * a->osw;
-                uint8_t *idx = a->idx + ((b * P + py) * P + px) * O;
-                for (int o = 0; o < O; o++) {
-                    out[o * a->osc] = mx[o];
-                    idx[o] = (uint8_t)k[o];
+                for (int q = 0; q < 2; q++) {
+                    v16i g1 = acc[q][1] > acc[q][0];
+                    v16a m0 = select16(g1, acc[q][1], acc[q][0]);
+                    v16i k0 = g1 & 1;
+                    v16i g3 = acc[q][3] > acc[q][2];
+                    v16a m1 = select16(g3, acc[q][3], acc[q][2]);
+                    v16i k1 = 2 + (g3 & 1);
+                    v16i g = m1 > m0;
+                    v16a mx = select16(g, m1, m0);
+                    v16i k = (g & k1) | (~g & k0);
+                    v16i open = mx > zero;
+                    mx = select16(open, mx, zero);
+                    k = (open & k) | (~open & 4);
+                    float *out = a->out + b * a->osb + py * a->osh + (px + q) * a->osw;
+                    uint8_t *idx = a->idx + ((b * P + py) * P + px + q) * O;
+                    for (int o = 0; o < O; o++) {
+                        out[o * a->osc] = mx[o];
+                        idx[o] = (uint8_t)k[o];
+                    }
                 }
             }
         }
