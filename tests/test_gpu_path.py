@@ -68,3 +68,15 @@ def test_a_deferred_check_still_keeps_nan_out_of_the_checkpoint(tmp_path, small_
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 1 and state["step"] == 0
     assert all(torch.isfinite(value).all() for value in state["model"].values())
+
+
+def test_the_gpu_fast_recipe_trains_in_the_deferred_loop(tmp_path, small_data, monkeypatch):
+    """`--preset gpu-fast`: large batches at a scaled-up rate, trained here as a GPU would
+    (checks every 32 steps: here, once per epoch of 3 steps)."""
+    config = resolve_train_config("gpu-fast", {"dataset": "custom", "epochs": 8})
+    assert (config.batch_size, config.lr, config.model) == (1024, PRESETS["gpu-fast"]["lr"], "seed")
+    assert config.lr > PRESETS["fast"]["lr"] and config.batch_size > PRESETS["fast"]["batch_size"]
+    checks = counting_checks(monkeypatch, training.FINITE_CHECK_STEPS)
+    result = train(config, run_dir=tmp_path / "run", data_dir=str(small_data), progress=False, log=lambda m: None)
+    assert checks == [3] * 8  # 3,000 images: 3 steps an epoch, one check at each epoch's end
+    assert result.metrics[-1]["test_accuracy"] > 0.75, result.metrics[-1]  # 84.6 % measured; chance: 10 %
