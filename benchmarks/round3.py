@@ -1,13 +1,15 @@
 """Performance round 3: the training kernels against torch's ops, our epoch against the
 tutorial's pipeline, and where a training step's time goes, on this machine.
 
-    .venv/bin/python benchmarks/round3.py [--repeats 3] [--rounds 9] [--threads N]
+    .venv/bin/python benchmarks/round3.py [--repeats 3] [--rounds 9] [--threads 1,2]
 
 One bounded command (about 1-2 minutes on a quiet 2-core machine) that writes
 benchmarks/results/<date>-round3-<vendor>.md and .json: the machine (CPU model, vendor,
 threads, load average before and after), the date, and every sample. Variants alternate
 (A B A B ...) within one process, so load from other processes hits them alike; the tables
-show medians, and ratios are only taken between figures of the same run.
+show medians, and ratios are only taken between figures of the same run. The epoch is timed
+at each thread count given (default: 1 and torch's default, the core count): on a machine
+shared with other jobs, torch's multi-threaded ops slow down far more than one thread does.
 """
 
 from __future__ import annotations
@@ -108,12 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="epoch repeats (default: 3)")
     parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds per kernel timing (default: 9)")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's, the core count)")
+    parser.add_argument("--threads", help="comma-separated torch thread counts for the epoch; the first "
+                        "also for the other sections (default: 1 and torch's default, the core count)")
     parser.add_argument("--sections", default="pieces,epoch,profile", help="subset of pieces,epoch,profile")
     parser.add_argument("--output", help="Markdown file (default: benchmarks/results/<date>-round3-<vendor>.md)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    default_threads = torch.get_num_threads()
+    counts = ([int(n) for n in args.threads.split(",")] if args.threads
+              else sorted({1, default_threads}))
+    torch.set_num_threads(counts[0])
     vendor = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(kernels._cpu_vendor(), "other")
     today = datetime.date.today().isoformat()
     load_before = os.getloadavg()
@@ -133,8 +138,15 @@ def main(argv: list[str] | None = None) -> int:
             if name == "pieces":
                 text, figures[name] = section_pieces(args.rounds)
             elif name == "epoch":
-                text, figures[name] = section_epoch(SimpleNamespace(repeats=args.repeats), torch.device("cpu"),
-                                                    Path(workdir))
+                texts, figures[name] = [], {}
+                for count in counts:
+                    torch.set_num_threads(count)
+                    print(f"  {count} thread(s)", flush=True)
+                    part, figures[name][str(count)] = section_epoch(
+                        SimpleNamespace(repeats=args.repeats), torch.device("cpu"), Path(workdir))
+                    texts.append(part.replace("### Epoch time,", f"### Epoch time, {count} thread(s),", 1))
+                torch.set_num_threads(counts[0])
+                text = "\n\n".join(texts)
             elif name == "profile":
                 text, figures[name] = section_profile()
             else:
