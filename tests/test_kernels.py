@@ -254,6 +254,30 @@ def test_the_cpu_is_read_once_per_process(monkeypatch):
     assert after.misses == before.misses and after.hits >= before.hits + 3
 
 
+@needs_library
+def test_inference_pooling_gives_torchs_values_bit_for_bit(monkeypatch):
+    # evaluation (inference_mode / no_grad) pools with the kernels: exact, so the recorded
+    # test accuracy is what `mnist-cnn evaluate` with torch's ops reports for the same weights
+    torch.manual_seed(0)
+    model = to_device(build_model("seed"), "cpu").eval()
+    images = torch.cat([mnist_batch(300), torch.rand(20, 1, 28, 28), torch.zeros(3, 1, 28, 28)])
+    outputs = {}
+    for choice in ("custom", "torch"):
+        monkeypatch.setenv(kernels.ENV, choice)
+        with torch.inference_mode():
+            outputs[choice] = model(images)
+        with torch.no_grad():
+            assert torch.equal(model(images), outputs[choice])
+    assert torch.equal(outputs["custom"], outputs["torch"])
+    y = torch.randn(5, 6, 24, 24)
+    monkeypatch.setenv(kernels.ENV, "custom")
+    with torch.no_grad():
+        pooled = kernels.pool_relu(y, block="conv1")
+        assert torch.equal(pooled, F.relu(F.max_pool2d(y, 2)))
+        assert not pooled.is_contiguous()  # the kernel's channels-last output: it ran
+    assert kernels.pool_relu(y.requires_grad_(), block="conv1").grad_fn.name() == "ReluBackward0"  # grad on: torch's
+
+
 def test_bad_switch_value_is_one_line_error(monkeypatch):
     monkeypatch.setenv(kernels.ENV, "fast")
     with pytest.raises(kernels.KernelError, match="MNIST_CNN_KERNELS='fast' is not one of: auto, torch, custom"):

@@ -281,6 +281,26 @@ class ConvPoolReLU(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None
 
 
+def pool_relu(y: torch.Tensor, *, block: str) -> torch.Tensor:
+    """relu(max_pool2d(y, 2)) of block `block`'s convolution output y, for inference (no
+    autograd): the kernels' pooling where wanted and it applies (CPU float32, grad off), else
+    torch's. Max and ReLU are exact, so both give the same values bit for bit (NaN aside: the
+    kernel's ReLU turns a NaN maximum into 0); the kernel is ~5x faster than torch's channels-last
+    max-pool at evaluation's batch of 1000."""
+    spec = BLOCKS[block]
+    size, pooled, channels = spec.size - spec.kernel + 1, spec.pooled, spec.out_channels
+    if (not torch.is_grad_enabled() and y.device.type == "cpu" and y.dtype == torch.float32
+            and y.dim() == 4 and y.shape[0] > 0 and tuple(y.shape[1:]) == (channels, size, size)
+            and wanted(block)):
+        y = _channels_last(y)
+        out = _empty_channels_last(y.shape[0], channels, pooled)
+        idx = torch.empty(y.shape[0], pooled, pooled, channels, dtype=torch.uint8)
+        getattr(load_library(), f"{block}_pool_relu_fwd")(
+            y.data_ptr(), out.data_ptr(), idx.data_ptr(), y.shape[0], *_bhwc_strides(out), torch.get_num_threads())
+        return out
+    return F.relu(F.max_pool2d(y, 2, 2))
+
+
 def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """The same block with torch's ops (ReLU after the pool: both monotone, so they commute)."""
     return F.relu(F.max_pool2d(F.conv2d(x, weight, bias), 2, 2))

