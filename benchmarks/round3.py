@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", help="comma-separated torch thread counts for the epoch; the first "
                         "also for the other sections (default: 1 and torch's default, the core count)")
     parser.add_argument("--sections", default="pieces,epoch,profile", help="subset of pieces,epoch,profile")
+    parser.add_argument("--budget", type=float, default=170.0,
+                        help="seconds after which the remaining epoch thread counts and sections are "
+                             "skipped (default: 170; a busy machine can take 10x longer)")
     parser.add_argument("--output", help="Markdown file (default: benchmarks/results/<date>-round3-<vendor>.md)")
     args = parser.parse_args(argv)
     default_threads = torch.get_num_threads()
@@ -135,11 +138,17 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as workdir:
         for name in [s.strip() for s in args.sections.split(",") if s.strip()]:
             print(f"\n[{name}]", flush=True)
+            if time.perf_counter() - started > args.budget:
+                parts.append(f"(section {name} skipped: over the {args.budget:g} s budget)")
+                continue
             if name == "pieces":
                 text, figures[name] = section_pieces(args.rounds)
             elif name == "epoch":
                 texts, figures[name] = [], {}
                 for count in counts:
+                    if texts and time.perf_counter() - started > args.budget:
+                        texts.append(f"(epoch at {count} threads skipped: over the {args.budget:g} s budget)")
+                        continue
                     torch.set_num_threads(count)
                     print(f"  {count} thread(s)", flush=True)
                     part, figures[name][str(count)] = section_epoch(
