@@ -151,7 +151,7 @@ def run_open_loop(*args, **kwargs) -> dict:
 def stage_costs(model: Path, backend: str, bodies: list[bytes]) -> dict[str, float]:
     """Milliseconds of CPU per request in each stage of what the server does for one
     /api/predict?preprocessed=1 (timed here, one thread, on the same images)."""
-    from mnist_cnn.predict import make_predictor
+    from mnist_cnn.predict import OnnxPredictor, make_predictor
     from mnist_cnn.preprocess import preprocess_file
     from mnist_cnn.serve.images import png_base64, prediction, refuse_unsupported
 
@@ -159,7 +159,10 @@ def stage_costs(model: Path, backend: str, bodies: list[bytes]) -> dict[str, flo
         import torch
 
         torch.set_num_threads(1)
-    predictor = make_predictor(model, backend=backend, device="cpu")
+    # as the server makes them: one intra-op thread (idle ONNX Runtime threads spin, and that
+    # CPU time would count here)
+    predictor = (OnnxPredictor(model, threads=1) if backend == "onnxruntime"
+                 else make_predictor(model, backend=backend, device="cpu"))
     stages = {"decode (PIL)": 0.0, "preprocess (the rest of read_digit)": 0.0, "forward": 0.0,
               "preview PNG + base64": 0.0, "answer dict + JSON": 0.0}
     for data in bodies[:5]:  # warm-up
