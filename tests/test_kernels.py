@@ -278,6 +278,50 @@ def test_inference_pooling_gives_torchs_values_bit_for_bit(monkeypatch):
     assert kernels.pool_relu(y.requires_grad_(), block="conv1").grad_fn.name() == "ReluBackward0"  # grad on: torch's
 
 
+def test_training_threads_give_torchs_threads_to_the_kernels():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with kernels.training_threads():
+            assert (torch.get_num_threads(), kernels.kernel_threads()) == (1, 2)
+        assert (torch.get_num_threads(), kernels.kernel_threads()) == (2, 2)
+        with kernels.training_threads(False):  # another model, or a GPU: nothing changes
+            assert (torch.get_num_threads(), kernels.kernel_threads()) == (2, 2)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_the_seed_models_training_runs_torch_on_one_thread(tmp_path, small_data, monkeypatch):
+    from mnist_cnn import train as training
+    from mnist_cnn.config import TrainConfig
+
+    seen = []
+    real_loss, real_evaluate = training.batch_loss, training.evaluate
+
+    def spy(*args, **kwargs):
+        seen.append((torch.get_num_threads(), kernels.kernel_threads()))
+        return real_loss(*args, **kwargs)
+
+    def evaluate_spy(*args, **kwargs):  # the test passes too
+        seen.append((torch.get_num_threads(), kernels.kernel_threads()))
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(training, "batch_loss", spy)
+    monkeypatch.setattr(training, "evaluate", evaluate_spy)
+    monkeypatch.setenv(kernels.ENV, "custom")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for model in ("seed", "bn"):
+            seen.clear()
+            training.train(TrainConfig(dataset="custom", model=model, epochs=1), run_dir=tmp_path / model,
+                           data_dir=str(small_data), progress=False, log=lambda m: None)
+            assert set(seen) == ({(1, 2)} if model == "seed" else {(2, 2)}), model
+            assert torch.get_num_threads() == 2  # restored after the run
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_bad_switch_value_is_one_line_error(monkeypatch):
     monkeypatch.setenv(kernels.ENV, "fast")
     with pytest.raises(kernels.KernelError, match="MNIST_CNN_KERNELS='fast' is not one of: auto, torch, custom"):

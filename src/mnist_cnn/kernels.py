@@ -21,6 +21,7 @@ evaluation, export and tracing use the reference ops.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -217,6 +218,39 @@ def applies(x: torch.Tensor, weight: torch.Tensor, block: Block) -> bool:
             and not torch.is_autocast_enabled("cpu"))
 
 
+# ---------------------------------------------------------------- threads
+
+_kernel_threads: int | None = None  # set by training_threads(); None: torch's thread count
+
+
+def kernel_threads() -> int:
+    """Threads the kernels split a batch over."""
+    return _kernel_threads or torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def training_threads(active: bool = True):
+    """Within: torch's own ops on one thread, the kernels on the threads torch had. In the seed
+    model's training step the kernels do the heavy work; torch's remaining ops (loss, Adam,
+    dropout's mask) are too small to gain from a second thread, and on a machine shared with
+    other jobs their OpenMP threads wait on each other: measured 2026-12-01 on a busy 2-core
+    AMD EPYC, 26-37 ms a step with torch on 2 threads against 1.9-4.6 ms with torch on 1 and
+    the kernels on 1 or 2. Process-wide, like torch.set_num_threads: not for concurrent
+    trainings in threads of one process."""
+    global _kernel_threads
+    if not active:
+        yield
+        return
+    previous_torch, previous = torch.get_num_threads(), _kernel_threads
+    _kernel_threads = kernel_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous_torch)
+        _kernel_threads = previous
+
+
 # ---------------------------------------------------------------- the autograd Function
 
 def _bhwc_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
@@ -245,7 +279,7 @@ class ConvPoolReLU(torch.autograd.Function):
         out = (torch.empty(batch, co, pooled, pooled) if flat_output
                else _empty_channels_last(batch, co, pooled))
         idx = torch.empty(batch, pooled, pooled, co, dtype=torch.uint8)
-        threads = torch.get_num_threads()
+        threads = kernel_threads()
         if fused and block.name == "conv1" and not flat_output:
             lib.conv1_fused_fwd(x.data_ptr(), weight_cl.data_ptr(), bias.contiguous().data_ptr(),
                                 out.data_ptr(), idx.data_ptr(), batch, threads)
@@ -275,7 +309,7 @@ class ConvPoolReLU(torch.autograd.Function):
         status = getattr(lib, f"{block.name}_conv_pool_bwd")(
             grad.data_ptr(), *_bhwc_strides(grad), idx.data_ptr(), x.data_ptr(), weight_cl.data_ptr(),
             grad_w.data_ptr(), grad_b.data_ptr(), grad_x.data_ptr() if grad_x is not None else None,
-            batch, torch.get_num_threads())
+            batch, kernel_threads())
         if status != 0:
             raise MemoryError("mnist-cnn kernels: out of memory in the convolution backward")
         return grad_x, grad_w, grad_b, None, None, None
@@ -296,7 +330,7 @@ def pool_relu(y: torch.Tensor, *, block: str) -> torch.Tensor:
         out = _empty_channels_last(y.shape[0], channels, pooled)
         idx = torch.empty(y.shape[0], pooled, pooled, channels, dtype=torch.uint8)
         getattr(load_library(), f"{block}_pool_relu_fwd")(
-            y.data_ptr(), out.data_ptr(), idx.data_ptr(), y.shape[0], *_bhwc_strides(out), torch.get_num_threads())
+            y.data_ptr(), out.data_ptr(), idx.data_ptr(), y.shape[0], *_bhwc_strides(out), kernel_threads())
         return out
     return F.relu(F.max_pool2d(y, 2, 2))
 

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from mnist_cnn import MnistCnnError, distributed, runs
+from mnist_cnn import MnistCnnError, distributed, kernels, runs
 from mnist_cnn.config import TrainConfig, validate_train_config
 from mnist_cnn.augment import augment, random_shift  # noqa: F401 (random_shift: public here too)
 from mnist_cnn.calibrate import calibrate, format_calibration
@@ -308,6 +308,15 @@ def save_checkpoint(run: Run) -> None:
 def run_epochs(run: Run, *, progress: bool, log: Log) -> TrainResult:
     """Epochs from where `run` stands to the end; a checkpoint after each. Ctrl-C saves the
     current step (or the finished epoch, when it arrives during the test pass) and stops."""
+    # The seed model on the CPU: its kernels take torch's threads and torch's own ops get one
+    # (mnist_cnn.kernels.training_threads). The test passes too: on 2 cores shared with other
+    # jobs, their convolutions took 0.8 s on 2 threads against 0.13 s on 1 (2026-12-01, AMD).
+    kernel_run = run.device.type == "cpu" and run.config.model == "seed" and kernels.wanted("conv1")
+    with kernels.training_threads(kernel_run):
+        return _run_epochs(run, progress=progress, log=log)
+
+
+def _run_epochs(run: Run, *, progress: bool, log: Log) -> TrainResult:
     with StopRequest() as stop:
         while run.epoch < run.config.epochs:
             started = time.perf_counter() - run.seconds
