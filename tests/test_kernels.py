@@ -369,8 +369,8 @@ def test_threads_and_fork():
         one = run_block("conv2", x, weight, bias, grad, force=True)
     finally:
         torch.set_num_threads(previous)
-    for a, b in zip(one[1:], two[1:]):  # another split of the batch: same sums, other order
-        assert relative_error(a, b) <= 1e-6
+    for a, b in zip(one, two):  # weight gradients summed per fixed chunk: any thread count, same bits
+        assert torch.equal(a, b)
 
 
 TRAIN_STEPS = """

@@ -16,8 +16,9 @@
      Only one position in four of the convolution's output has a gradient, so this does a
      quarter of the work of a dense convolution backward.
 
-   Threads split the batch; each accumulates its own weight gradient and the partial sums are
-   added in thread order, so a result depends only on the inputs and the thread count. */
+   Threads split the batch. The weight gradients are summed per fixed chunk of the batch
+   (GRAD_CHUNKS of them, whatever the thread count) and the chunks' sums added in order, so a
+   result depends only on the inputs: the same at any thread count. */
 
 #include <pthread.h>
 #include <stdint.h>
@@ -25,6 +26,7 @@
 #include <string.h>
 
 #define MAX_THREADS 64
+#define GRAD_CHUNKS 16 /* weight-gradient partial sums per batch (fewer for smaller batches) */
 
 typedef void (*chunk_fn)(void *arg, int thread, int64_t begin, int64_t end);
 
@@ -515,21 +517,28 @@ static void sum_partials(const float *partial, int threads, int64_t n, float *dw
         struct pool_args a = {y, out, idx, osb, osh, osw, osc};                                \
         parallel(NAME##_pool_chunk, &a, batch, threads);                                       \
     }                                                                                          \
+    /* [begin, end) are chunks of the batch (GRAD_CHUNKS, or one per image if fewer) */       \
     static void NAME##_bwd_chunk(void *arg, int thread, int64_t begin, int64_t end) {          \
+        (void)thread;                                                                          \
         const struct bwd_args *a = (const struct bwd_args *)arg;                               \
-        float *dw = a->partial + (int64_t)thread * (CO * K * K * CI + CO);                     \
-        WGRAD(a, dw, dw + CO * K * K * CI, begin, end, HI, WI, CI, CO, K);                     \
-        if (a->dx) XGRAD(a, begin, end, HI, WI, CI, CO, K);                                    \
+        const int64_t chunks = a->batch < GRAD_CHUNKS ? a->batch : GRAD_CHUNKS;                \
+        for (int64_t c = begin; c < end; c++) {                                                \
+            const int64_t b0 = a->batch * c / chunks, b1 = a->batch * (c + 1) / chunks;        \
+            float *dw = a->partial + c * (CO * K * K * CI + CO);                               \
+            WGRAD(a, dw, dw + CO * K * K * CI, b0, b1, HI, WI, CI, CO, K);                     \
+            if (a->dx) XGRAD(a, b0, b1, HI, WI, CI, CO, K);                                    \
+        }                                                                                      \
     }                                                                                          \
     int NAME##_conv_pool_bwd(const float *g, int64_t gsb, int64_t gsh, int64_t gsw, int64_t gsc, \
                              const uint8_t *idx, const float *x, const float *w, float *dw,    \
                              float *db, float *dx, int64_t batch, int threads) {               \
         const int64_t nw = (int64_t)CO * K * K * CI, n = nw + CO;                              \
-        float *partial = (float *)malloc(sizeof(float) * n * (threads < 1 ? 1 : threads));     \
+        const int64_t chunks = batch < GRAD_CHUNKS ? batch : GRAD_CHUNKS;                      \
+        float *partial = (float *)malloc(sizeof(float) * n * chunks);                          \
         if (!partial) return 1;                                                                \
         struct bwd_args a = {g, gsb, gsh, gsw, gsc, idx, x, w, dx, partial, batch};             \
-        const int used = parallel(NAME##_bwd_chunk, &a, batch, threads);                       \
-        sum_partials(partial, used, n, dw, db, nw);                                            \
+        parallel(NAME##_bwd_chunk, &a, chunks, threads);                                       \
+        sum_partials(partial, (int)chunks, n, dw, db, nw);                                     \
         free(partial);                                                                         \
         return 0;                                                                              \
     }
