@@ -127,7 +127,8 @@ def test_ctrl_c_then_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, 
     and says how to continue); resumed, then SIGKILLed at a random moment of a later epoch
     (it loses at most the epoch in progress); resumed again. The weights are the
     uninterrupted run's, bit for bit, and metrics.jsonl holds each epoch once."""
-    recipe = ["--epochs", "5", "--batch-size", "32", "--shift", "1", "--data-dir", str(small_data), *SMALL]
+    # 8 epochs: one takes ~0.1 s now, and the SIGKILL below must land before the last ends
+    recipe = ["--epochs", "8", "--batch-size", "32", "--shift", "1", "--data-dir", str(small_data), *SMALL]
     reference = cli("train", *recipe, "--run-dir", str(tmp_path / "reference"))
     assert reference.returncode == 0, reference.stderr
     run, metrics = tmp_path / "run", tmp_path / "run" / "metrics.jsonl"
@@ -157,7 +158,7 @@ def test_ctrl_c_then_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, 
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout
     assert_same_weights(weights(tmp_path / "reference"), weights(run))
-    assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == [1, 2, 3, 4, 5]
+    assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == list(range(1, 9))
     assert not list(run.glob(".checkpoint.pt.*"))
 
 
