@@ -373,6 +373,48 @@ def test_threads_and_fork():
         assert torch.equal(a, b)
 
 
+@needs_library
+def test_the_worker_pool_under_concurrent_callers_and_fork(monkeypatch):
+    # The kernels' kept worker threads: two Python threads calling at once (one gets the pool,
+    # the other starts threads of its own), thread counts that change between calls, and a
+    # fork()ed child that must start workers afresh. Same bits everywhere (per-image outputs,
+    # weight gradients summed per fixed chunk), no hang.
+    import os
+    import threading
+
+    x, weight, bias = block_inputs("conv2", torch.randn(16, 6, 12, 12))
+    grad = torch.randn(16, 16, 4, 4)
+    monkeypatch.setattr(kernels, "_kernel_threads", 1)
+    expected = run_block("conv2", x, weight, bias, grad, force=True, fused=True)
+    failures: list[str] = []
+
+    def calls(counts):
+        for count in counts:
+            kernels._kernel_threads = count  # a plain global: both threads set it, either value is fine
+            got = run_block("conv2", x, weight, bias, grad, force=True, fused=True)
+            if not all(torch.equal(a, b) for a, b in zip(got, expected)):
+                failures.append(f"threads {count}: other values")
+
+    workers = [threading.Thread(target=calls, args=([2, 3, 1, 2] * 10,), daemon=True) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    assert not any(worker.is_alive() for worker in workers), "a kernel call hung"
+    assert not failures, failures
+    y = torch.randn(4, 8, 8, 16)
+    expected_out = F.max_pool2d(y.permute(0, 3, 1, 2), 2).relu().permute(0, 2, 3, 1).numpy()
+    out = torch.zeros(4, 4, 4, 16)
+    idx = torch.empty(4, 4, 4, 16, dtype=torch.uint8)
+    lib = kernels.load_library()
+    pid = os.fork()
+    if pid == 0:  # the child calls the C library only (torch's OpenMP pool may hang after fork)
+        lib.conv2_pool_relu_fwd(y.data_ptr(), out.data_ptr(), idx.data_ptr(), 4, 256, 64, 16, 1, 2)
+        os._exit(0 if (out.numpy() == expected_out).all() else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 TRAIN_STEPS = """
 import torch
 from mnist_cnn import kernels

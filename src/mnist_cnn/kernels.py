@@ -53,8 +53,10 @@ CFLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-std=c11")
 #   the contention there), each fused block 2.3-5x (docs/performance-round3.md).
 # Other vendors keep the reference ops until someone measures them (MNIST_CNN_KERNELS=custom).
 # (Training runs that hung on 2026-11-30 ~13:30-13:40 met a worker pool that could miss its
-# first job; the pool is gone — each call starts and joins its own threads — and tests run two
-# trainings at once, in two processes and in two threads.)
+# first job. The pool in kernels.c since 2026-12-01 cannot: a worker starts knowing the job
+# generation at its creation; it spins briefly, then sleeps; a concurrent caller starts its own
+# threads; a fork()ed child starts new workers. Tests run two trainings at once, in two
+# processes and in two threads, and fork.)
 DEFAULT_ON: dict[str, dict[str, bool]] = {"GenuineIntel": {"conv1": True, "conv2": True, "head": True},
                                           "AuthenticAMD": {"conv1": True, "conv2": True, "head": True}}
 # The block's convolution computed inside the kernel (no full-size map) rather than by torch
