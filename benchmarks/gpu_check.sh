@@ -17,6 +17,26 @@ run fast-fp32 python3 -m mnist_cnn train --preset fast --device cuda --no-progre
 run fast-fp32-again python3 -m mnist_cnn train --preset fast --device cuda --no-progress --no-report --run-dir $R/fast-fp32-again
 run fast-bf16 python3 -m mnist_cnn train --preset fast --device cuda --precision bf16 --no-progress --no-report --run-dir $R/fast-bf16
 run fast-fp16 python3 -m mnist_cnn train --preset fast --device cuda --precision fp16 --no-progress --no-report --run-dir $R/fast-fp16
+run gpu-fast python3 -m mnist_cnn train --preset gpu-fast --device cuda --no-progress --no-report --run-dir $R/gpu-fast
+run gpu-fast-seed1 python3 -m mnist_cnn train --preset gpu-fast --seed 1 --device cuda --no-progress --no-report --run-dir $R/gpu-fast-seed1
+python3 - <<'PY' | tee -a "$OUT/summary.txt"
+# The GPU goals (issue 19): 99.0 % in <= 1 s of training; the seed recipe's 20 epochs in <= 5 s.
+import json
+for name in ("seed-fp32", "fast-fp32", "gpu-fast", "gpu-fast-seed1"):
+    try:
+        records = [json.loads(line) for line in open(f"/tmp/gpu-runs/{name}/metrics.jsonl")]
+    except OSError:
+        print(f"{name}: no metrics"); continue
+    train = sum(r["train_seconds"] for r in records)
+    reached, total = None, 0.0
+    for r in records:
+        total += r["train_seconds"]
+        if reached is None and r["test_accuracy"] >= 0.99:
+            reached = total
+    at = f"99.0 % after {reached:.2f} s of training" if reached is not None else "99.0 % not reached"
+    print(f"{name}: {len(records)} epochs, training {train:.2f} s (+ test passes "
+          f"{sum(r['eval_seconds'] for r in records):.2f} s), final {100 * records[-1]['test_accuracy']:.2f} %, {at}")
+PY
 python3 - <<'PY' | tee -a "$OUT/summary.txt"
 import torch
 from safetensors.torch import load_file

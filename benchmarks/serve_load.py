@@ -1,19 +1,24 @@
-"""Load benchmark of `mnist-cnn serve`: 16 concurrent clients send 2,000 user-style PNGs to
-POST /api/predict on 127.0.0.1, once per backend (torch, onnxruntime).
+"""Open-loop load benchmark of `mnist-cnn serve`: what the page sends (one drawn digit as a
+PNG of a few KB, POST /api/predict?preprocessed=1), at fixed arrival rates.
 
-    .venv/bin/python benchmarks/serve_load.py [--model RUN_DIR] [--requests 2000] [--clients 16]
+    .venv/bin/python benchmarks/serve_load.py [--rates 200,300,400,500,600] [--seconds 5]
+                                              [--backends onnxruntime,torch] [--workers N]
 
-Each client keeps one HTTP/1.1 connection open and sends the next request when the previous
-answer has arrived (a closed loop, as the page does). The images are MNIST test digits drawn
-as the page sends them: black ink on a 280x280 white PNG. The clients run on the same machine
-as the server and share its CPUs. Prints a Markdown table and writes it, with the machine and
-the date, to benchmarks/results/<date>-serve-load.md (and .json).
+Open loop: request i is due at start + i / rate whether or not earlier answers have arrived,
+and its latency is counted from that scheduled time, so a slow answer cannot hide the requests
+queued behind it (a closed loop of N clients measures saturation instead). The load generator
+is one asyncio process on the same machine, sharing its CPUs with the server; each request
+goes out on an idle keep-alive connection, or a new one when all are busy. Also printed: the
+server's CPU time per request at each rate, and where a request's CPU time goes (decode,
+preprocess, forward, preview, JSON; timed in this process on the same images). Writes a
+Markdown table and the JSON, with the machine and the date, to
+benchmarks/results/<date>-serve-open-loop.md (and .json).
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
+import asyncio
 import io
 import json
 import os
@@ -24,7 +29,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -52,10 +56,10 @@ def page_png(digit: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def start_server(model: Path, backend: str) -> tuple[subprocess.Popen, str, int]:
+def start_server(model: Path, backend: str, workers: int | None = None) -> tuple[subprocess.Popen, str, int]:
     process = subprocess.Popen(
         [sys.executable, "-m", "mnist_cnn", "serve", "--model", str(model), "--port", "0",
-         "--backend", backend, "--device", "cpu"],
+         "--backend", backend, "--device", "cpu", *(["--workers", str(workers)] if workers else [])],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in process.stdout:
         match = re.search(r"serving on http://([\d.]+):(\d+)/", line)
@@ -64,55 +68,149 @@ def start_server(model: Path, backend: str) -> tuple[subprocess.Popen, str, int]
     raise SystemExit(f"serve did not start:\n{process.stderr.read()}")
 
 
-def load(host: str, port: int, images: list[bytes], labels: list[int], *, requests: int,
-         clients: int) -> dict:
-    """`clients` threads, each one keep-alive connection, `requests` in all."""
-    latencies = np.zeros(requests)
-    outcome = [None] * requests  # True correct, False wrong label, or an error string
-    counter = iter(range(requests))
-    lock = threading.Lock()
+PATH = b"/api/predict?preprocessed=1"
 
-    def client() -> None:
-        connection = http.client.HTTPConnection(host, port, timeout=30)
-        while True:
-            with lock:
-                index = next(counter, None)
-            if index is None:
-                break
-            image = index % len(images)
-            started = time.perf_counter()
-            try:
-                connection.request("POST", "/api/predict", body=images[image],
-                                   headers={"content-type": "image/png"})
-                response = connection.getresponse()
-                body = response.read()
-                latencies[index] = time.perf_counter() - started
-                outcome[index] = (json.loads(body)["label"] == labels[image] if response.status == 200
-                                  else f"HTTP {response.status}")
-            except (OSError, http.client.HTTPException, ValueError) as error:
-                latencies[index] = time.perf_counter() - started
-                outcome[index] = type(error).__name__
-                connection.close()
-                connection = http.client.HTTPConnection(host, port, timeout=30)
-        connection.close()
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - started
+async def open_loop(host: str, port: int, bodies: list[bytes], labels: list[int], *, rate: float,
+                    seconds: float) -> dict:
+    """rate x seconds requests, request i due at start + i / rate; latency from that time
+    (time.perf_counter: uvloop's own clock counts whole milliseconds)."""
+    clock = time.perf_counter
+    count = max(1, int(rate * seconds))
+    latencies = np.zeros(count)
+    outcome: list = [None] * count  # True correct, False wrong label, or an error string
+    lag = np.zeros(count)  # how late the generator sent each request
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    opened = 0
+
+    async def send(index: int, due: float) -> None:
+        nonlocal opened
+        lag[index] = clock() - due
+        body = bodies[index % len(bodies)]
+        connection = None
+        try:
+            if idle:
+                connection = idle.pop()
+            else:
+                connection = await asyncio.open_connection(host, port)
+                opened += 1
+            reader, writer = connection
+            writer.write(b"POST " + PATH + b" HTTP/1.1\r\nHost: %s\r\nContent-Type: image/png\r\n"
+                         b"Content-Length: %d\r\n\r\n" % (host.encode(), len(body)) + body)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+            status = int(head.split(b" ", 2)[1])
+            length = int(re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head).group(1))
+            payload = await asyncio.wait_for(reader.readexactly(length), 30)
+            latencies[index] = clock() - due
+            outcome[index] = (json.loads(payload)["label"] == labels[index % len(labels)] if status == 200
+                              else f"HTTP {status}")
+            if re.search(rb"(?i)\r\nconnection:\s*close", head):
+                writer.close()
+            else:
+                idle.append(connection)
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError,
+                ValueError, AttributeError, KeyError) as error:
+            latencies[index] = clock() - due
+            outcome[index] = type(error).__name__
+            if connection is not None:
+                connection[1].close()
+
+    tasks = []
+    start = clock() + 0.05
+    for index in range(count):
+        due = start + index / rate
+        delay = due - clock()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(send(index, due)))
+    await asyncio.gather(*tasks)
+    wall = clock() - start
+    for _, writer in idle:
+        writer.close()
     errors = [o for o in outcome if not isinstance(o, bool)]
     milliseconds = latencies * 1e3
     return {
-        "requests": requests, "clients": clients, "seconds": wall,
-        "throughput": requests / wall,
-        "p50_ms": float(np.percentile(milliseconds, 50)), "p95_ms": float(np.percentile(milliseconds, 95)),
+        "rate": rate, "requests": count, "seconds": wall, "throughput": count / wall,
+        "p50_ms": float(np.percentile(milliseconds, 50)), "p90_ms": float(np.percentile(milliseconds, 90)),
         "p99_ms": float(np.percentile(milliseconds, 99)), "max_ms": float(milliseconds.max()),
         "errors": len(errors), "error_kinds": sorted(set(map(str, errors))),
-        "accuracy": sum(o is True for o in outcome) / max(1, requests - len(errors)),
+        "accuracy": sum(o is True for o in outcome) / max(1, count - len(errors)),
+        "connections": opened, "generator_lag_p99_ms": float(np.percentile(lag * 1e3, 99)),
     }
+
+
+def run_open_loop(*args, **kwargs) -> dict:
+    try:
+        import uvloop  # the server's own event loop (uvicorn[standard]): a cheaper client too
+
+        return uvloop.run(open_loop(*args, **kwargs))
+    except ImportError:
+        return asyncio.run(open_loop(*args, **kwargs))
+
+
+def stage_costs(model: Path, backend: str, bodies: list[bytes]) -> dict[str, float]:
+    """Milliseconds of CPU per request in each stage of what the server does for one
+    /api/predict?preprocessed=1 (timed here, one thread, on the same images)."""
+    from mnist_cnn.predict import OnnxPredictor, make_predictor
+    from mnist_cnn.preprocess import preprocess_file
+    from mnist_cnn.serve.images import png_base64, prediction, refuse_unsupported
+
+    if backend == "torch":
+        import torch
+
+        torch.set_num_threads(1)
+    # as the server makes them: one intra-op thread (idle ONNX Runtime threads spin, and that
+    # CPU time would count here)
+    predictor = (OnnxPredictor(model, threads=1) if backend == "onnxruntime"
+                 else make_predictor(model, backend=backend, device="cpu"))
+    stages = {"decode (PIL)": 0.0, "preprocess (the rest of read_digit)": 0.0, "forward": 0.0,
+              "preview PNG + base64": 0.0, "answer dict + JSON": 0.0}
+    for data in bodies[:5]:  # warm-up
+        predictor.probabilities(preprocess_file(data)[None])
+    for data in bodies:
+        t0 = time.process_time()
+        with Image.open(io.BytesIO(data)) as picture:
+            picture.load()
+        t1 = time.process_time()
+        refuse_unsupported(data)
+        digit = preprocess_file(data)  # decodes again: its decode share is subtracted below
+        t2 = time.process_time()
+        row = predictor.probabilities(digit[None])[0]
+        t3 = time.process_time()
+        preview = png_base64(digit)
+        t4 = time.process_time()
+        answer = prediction(row, predictor.classes, "model")
+        answer["preprocessed"] = preview
+        json.dumps(answer)
+        t5 = time.process_time()
+        stages["decode (PIL)"] += t1 - t0
+        stages["preprocess (the rest of read_digit)"] += (t2 - t1) - (t1 - t0)
+        stages["forward"] += t3 - t2
+        stages["preview PNG + base64"] += t4 - t3
+        stages["answer dict + JSON"] += t5 - t4
+    return {name: 1e3 * total / len(bodies) for name, total in stages.items()}
+
+
+def tree_cpu_seconds(pid: int) -> float | None:
+    """CPU time of a process and its descendants (serve --workers forks), Linux /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        seconds = cpu_seconds(current)
+        if seconds is None:
+            if current == pid:
+                return None
+            continue
+        total += seconds
+        todo += children.get(current, [])
+    return total
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -135,11 +233,13 @@ def cpu_name() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="run folder (default: the newest finished run, else the shipped model)")
-    parser.add_argument("--requests", type=int, default=2000, help="(default: 2000)")
-    parser.add_argument("--clients", type=int, default=16, help="(default: 16)")
-    parser.add_argument("--backends", default=",".join(BACKENDS), help="(default: torch,onnxruntime)")
-    parser.add_argument("--output", help="results file stem (default: benchmarks/results/<date>-serve-load)")
+    parser.add_argument("--rates", default="200,300,400,500,600", help="requests/s (default: 200,300,400,500,600)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="seconds at each rate (default: 5)")
+    parser.add_argument("--backends", default="onnxruntime,torch", help="(default: onnxruntime,torch)")
+    parser.add_argument("--workers", type=int, help="serve --workers N (default: the server's default)")
+    parser.add_argument("--output", help="results file stem (default: benchmarks/results/<date>-serve-open-loop)")
     args = parser.parse_args(argv)
+    rates = [float(r) for r in args.rates.split(",")]
 
     if args.model is None:
         from mnist_cnn.checkpoints import model_or_default
@@ -147,8 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         args.model = str(model_or_default(None))
     test = load_dataset("mnist", splits=("test",))["test"]
     digits, truth = test.images[:DISTINCT_IMAGES, 0].numpy(), test.labels[:DISTINCT_IMAGES].tolist()
-    images = [page_png(d) for d in digits]
-    rows, figures = [], {}
+    bodies = [page_png(d) for d in digits]
+    size = sum(map(len, bodies)) / len(bodies)
+    rows, figures, stage_rows = [], {}, []
     with tempfile.TemporaryDirectory() as workdir:
         model = Path(workdir) / Path(args.model).resolve().name
         shutil.copytree(args.model, model, ignore=shutil.ignore_patterns("*.png", "*.html", "checkpoint.pt"))
@@ -157,56 +258,64 @@ def main(argv: list[str] | None = None) -> int:
                 from mnist_cnn.export import export_model
 
                 export_model(model, format="onnx")
-            process, host, port = start_server(model, backend)
+            costs = stage_costs(model, backend, bodies)
+            stage_rows.append([backend, *(f"{ms:.3f}" for ms in costs.values()), f"{sum(costs.values()):.3f}"])
+            figures[backend] = {"stages_ms": costs, "rates": []}
+            print(f"{backend}: CPU ms per request by stage: "
+                  + ", ".join(f"{name} {ms:.3f}" for name, ms in costs.items()), flush=True)
+            process, host, port = start_server(model, backend, args.workers)
             try:
-                load(host, port, images, truth, requests=100, clients=args.clients)  # warm-up
-                before, clients_before = cpu_seconds(process.pid), time.process_time()
-                result = load(host, port, images, truth, requests=args.requests, clients=args.clients)
-                after, clients_after = cpu_seconds(process.pid), time.process_time()
-                result["server_cpu_ms_per_request"] = (None if before is None or after is None
-                                                       else 1e3 * (after - before) / args.requests)
-                # The clients are this process' threads: their CPU competes with the server's.
-                result["client_cpu_ms_per_request"] = 1e3 * (clients_after - clients_before) / args.requests
-                result["load_average"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+                run_open_loop(host, port, bodies, truth, rate=50, seconds=2)  # warm-up
+                for rate in rates:
+                    before = tree_cpu_seconds(process.pid)
+                    result = run_open_loop(host, port, bodies, truth, rate=rate, seconds=args.seconds)
+                    after = tree_cpu_seconds(process.pid)
+                    result["server_cpu_ms_per_request"] = (None if before is None or after is None
+                                                           else 1e3 * (after - before) / result["requests"])
+                    result["load_average"] = os.getloadavg()[0]
+                    figures[backend]["rates"].append(result)
+                    cpu = result["server_cpu_ms_per_request"]
+                    rows.append([backend, f"{rate:.0f}", f"{result['throughput']:.0f}", f"{result['p50_ms']:.1f}",
+                                 f"{result['p90_ms']:.1f}", f"{result['p99_ms']:.1f}", f"{result['max_ms']:.0f}",
+                                 str(result["errors"]), f"{100 * result['accuracy']:.1f} %",
+                                 "–" if cpu is None else f"{cpu:.2f}", f"{result['generator_lag_p99_ms']:.1f}",
+                                 f"{result['load_average']:.1f}"])
+                    print(f"{backend} at {rate:.0f}/s: p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, "
+                          f"max {result['max_ms']:.0f} ms, {result['errors']} errors {result['error_kinds']}, "
+                          f"server CPU {cpu if cpu is None else round(cpu, 2)} ms/request, "
+                          f"generator lag p99 {result['generator_lag_p99_ms']:.1f} ms, "
+                          f"load average {result['load_average']:.1f}", flush=True)
             finally:
                 process.send_signal(signal.SIGINT)
                 process.communicate(timeout=30)
-            figures[backend] = result
-            rows.append([backend, f"{result['throughput']:.0f}", f"{result['p50_ms']:.1f}",
-                         f"{result['p95_ms']:.1f}", f"{result['p99_ms']:.1f}", f"{result['max_ms']:.1f}",
-                         f"{result['errors']}", f"{100 * result['accuracy']:.1f} %",
-                         "–" if result["server_cpu_ms_per_request"] is None
-                         else f"{result['server_cpu_ms_per_request']:.2f}",
-                         f"{result['client_cpu_ms_per_request']:.2f}",
-                         "–" if result["load_average"] is None else f"{result['load_average']:.1f}"])
-            print(f"{backend}: {result['throughput']:.0f} requests/s, p50 {result['p50_ms']:.1f} ms, "
-                  f"p95 {result['p95_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, {result['errors']} errors, "
-                  f"server CPU {result['server_cpu_ms_per_request']} ms/request, "
-                  f"client CPU {result['client_cpu_ms_per_request']:.2f} ms/request, "
-                  f"load average {result['load_average']}",
-                  flush=True)
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     machine = (f"{cpu_name()}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}; "
-               f"server and clients on the same machine")
+               f"server and load generator on the same machine")
     markdown = "\n".join([
-        f"# mnist-cnn serve under load, {date}", "",
-        f"Machine: {machine}.", "",
-        f"{args.requests:,} POST /api/predict requests (raw image/png bodies: MNIST test digits as "
-        f"black ink on a 280x280 white page, as the page sends them) from {args.clients} concurrent "
-        f"keep-alive clients, after {100} warm-up requests.", "",
-        table(["backend", "requests/s", "p50 ms", "p95 ms", "p99 ms", "max ms", "errors", "labels correct",
-               "server CPU ms / request", "client CPU ms / request", "load average"], rows),
+        f"# mnist-cnn serve, open-loop load, {date}", "",
+        f"Machine: {machine}. Server: `mnist-cnn serve`"
+        + (f" --workers {args.workers}" if args.workers else "") + ".", "",
+        f"POST /api/predict?preprocessed=1 with what the page sends: a drawn digit as a PNG "
+        f"(black ink on a 280x280 white page, {size / 1024:.1f} KB on average; {DISTINCT_IMAGES} MNIST test "
+        f"digits in turn), at fixed arrival rates for {args.seconds:g} s each; latency from each "
+        "request's scheduled time.", "",
+        table(["backend", "rate /s", "answered /s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors",
+               "labels correct", "server CPU ms / request", "generator lag p99 ms", "load average"], rows),
         "",
-        "CPU ms / request: the server process' and the client threads' CPU time during the run, "
-        "divided by the requests; load average: the machine's 1-minute load after the run "
-        "(other jobs included).",
+        "Server CPU ms / request: the server's processes' CPU time during the rate's run over its "
+        "requests. Generator lag: how late the load generator itself sent requests (it shares the "
+        "CPUs). Load average: the machine's 1-minute load after the run (other jobs included).", "",
+        "Where a request's CPU time goes (ms, one thread, timed in the benchmark's process on the "
+        "same images; the server adds HTTP parsing, routing and thread hand-offs):", "",
+        table(["backend", *next(iter(figures.values()))["stages_ms"], "total"], stage_rows),
         ""])
     print(markdown)
-    stem = Path(args.output) if args.output else RESULTS / f"{date}-serve-load"
+    stem = Path(args.output) if args.output else RESULTS / f"{date}-serve-open-loop"
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".md").write_text(markdown)
     stem.with_suffix(".json").write_text(json.dumps({"date": date, "machine": machine,
                                                      "model": Path(args.model).resolve().name,
+                                                     "workers": args.workers, "body_bytes_mean": size,
                                                      "results": figures}, indent=2) + "\n")
     print(f"wrote {stem.with_suffix('.md')}")
     return 0

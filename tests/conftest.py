@@ -32,8 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 # trains the shared `mnist_model`, then the longest (measured), so that the two workers
 # finish together and the modules that need the model find it trained; then the rest.
 MODULES_FIRST = ["test_accuracy.py", "test_distributed.py", "test_train.py", "test_serve_browser.py",
-                 "test_sweep.py", "test_kernels.py", "test_docs.py", "test_serve_hardening.py", "test_numbers.py",
-                 "test_sweep_postgres.py"]
+                 "test_sweep.py", "test_kernels.py", "test_gpu_path.py", "test_docs.py", "test_serve_hardening.py",
+                 "test_numbers.py", "test_sweep_postgres.py"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -350,6 +350,19 @@ def test_peers_that_never_come_fail_fast_with_a_clear_message(small_data, tmp_pa
     assert time.monotonic() - started < 60
 
 
+def test_a_rank_whose_master_never_comes_fails_in_one_line(small_data, tmp_path):
+    """Rank 1 with no rank 0 listening: torch's C++ side logs each failed connection (with a
+    stack trace), and where the host name does not resolve, a "[c10d] The hostname of the
+    client socket cannot be retrieved" line; the tool's stderr stays its one line."""
+    port = free_port()  # nothing listens there
+    lone = run_cli("train", *RECIPE, *data_args(small_data), "--run-dir", str(tmp_path / "run"),
+                   env={**env(), "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                        "MNIST_CNN_DIST_TIMEOUT": "2"}, timeout=TIMEOUT)
+    assert_one_line_error(lone, "rank 1 of 2: could not form the process group", f"127.0.0.1:{port}")
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------- accuracy (last: it waits for
 # the session's shared model, which another test worker may be training)
 

@@ -145,7 +145,8 @@ def test_export_and_backend_errors(shipped_model, tmp_path):
 
 def test_onnxruntime_prediction_never_imports_torch(exported, mnist, tmp_path):
     """`predict --backend onnxruntime` reads, preprocesses and runs the ONNX session only:
-    torch (1.3 s of start-up) must not be imported at all."""
+    torch (1.3 s of start-up) must not be imported at all, nor numpy.ma (np.median's, 50 ms)
+    or urllib.request (30 ms), which the command does not need."""
     import subprocess
     import sys
 
@@ -155,8 +156,10 @@ def test_onnxruntime_prediction_never_imports_torch(exported, mnist, tmp_path):
     on_paper(mnist["test"][0][0]).save(image)
     code = ("import sys\nfrom mnist_cnn.cli import main\n"
             f"code = main(['predict', '--backend', 'onnxruntime', '--model', {str(exported)!r}, {str(image)!r}])\n"
-            "print('torch imported:', 'torch' in sys.modules)\nsys.exit(code)")
+            "print('torch imported:', 'torch' in sys.modules)\n"
+            "print('others:', [m for m in ('numpy.ma', 'urllib.request') if m in sys.modules])\n"
+            "sys.exit(code)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [f"{image}: 7 ({result.stdout.split('(')[1].split(')')[0]})",
-                                          "torch imported: False"]
+                                          "torch imported: False", "others: []"]

@@ -147,6 +147,65 @@ def test_deterministic():
             assert torch.equal(a, b)
 
 
+def run_head(x, params, grad, *, force, seed=5, p=0.2):
+    torch.manual_seed(seed)  # the dropout mask comes from the global generator in both
+    out = kernels.head(x, *params, p=p, force=force)
+    return (out, *torch.autograd.grad(out, (x, *params), grad))
+
+
+def head_inputs(batch: int, classes: int = 10):
+    generator = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, 256, generator=generator).requires_grad_()
+    lin1, lin2 = torch.nn.Linear(256, 96), torch.nn.Linear(96, classes)
+    grad = torch.randn(batch, classes, generator=generator)
+    return x, (lin1.weight, lin1.bias, lin2.weight, lin2.bias), grad
+
+
+@needs_library
+@pytest.mark.parametrize("batch", [1, 2, 7, 33, 128])
+def test_head_matches_torch(batch):
+    x, params, grad = head_inputs(batch)
+    ours = run_head(x, params, grad, force=True)
+    reference = run_head(x, params, grad, force=False)
+    assert ours[0].grad_fn.name() == "HeadBackward"
+    assert reference[0].grad_fn.name() == "AddmmBackward0"
+    for name, a, b in zip(("logits", "input", "w1", "b1", "w2", "b2"), ours, reference):
+        assert a.shape == b.shape
+        assert relative_error(a, b) <= 1e-5, name
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+    # (values within 1e-5: the same dropout mask; another would differ by far more)
+
+
+@needs_library
+def test_head_is_deterministic_and_draws_like_dropout():
+    x, params, grad = head_inputs(64)
+    first, second = run_head(x, params, grad, force=True), run_head(x, params, grad, force=True)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    other = run_head(x, params, grad, force=True, seed=6)  # another mask, other values
+    assert not torch.equal(first[0], other[0])
+    # after the head, the global generator stands where torch's dropout leaves it
+    torch.manual_seed(5)
+    kernels.head(x, *params, p=0.2, force=True)
+    after_ours = torch.rand(3)
+    torch.manual_seed(5)
+    kernels.head(x, *params, p=0.2, force=False)
+    assert torch.equal(after_ours, torch.rand(3))
+
+
+@needs_library
+def test_head_falls_back_where_it_does_not_apply():
+    x, params, grad = head_inputs(4)
+    for p in (0.0, 1.0):  # no mask to draw: torch's ops (which draw none either)
+        out = kernels.head(x, *params, p=p, force=True)
+        assert out.grad_fn.name() == "AddmmBackward0"
+    wide = torch.nn.Linear(256, 64)  # another hidden size
+    out = kernels.head(x, wide.weight, wide.bias, torch.randn(10, 64), torch.randn(10), p=0.2, force=True)
+    assert out.grad_fn.name() == "AddmmBackward0"
+    x17, params17, _ = head_inputs(3, classes=17)  # more classes than the kernel's 16 lanes
+    assert kernels.head(x17, *params17, p=0.2, force=True).grad_fn.name() == "AddmmBackward0"
+
+
 def training_model(choice: str):
     return to_device(kernels.build_training_model("seed", num_classes=10, choice=choice), "cpu").train()
 
@@ -192,7 +251,7 @@ def test_setting_chooses_and_evaluation_uses_torch_ops(monkeypatch):
     assert block_backends(training_model("torch"), images) == "ReluBackward0"
     model = training_model("custom")
     assert block_backends(model, images) == "ConvPoolReLUBackward"
-    assert kernels.kernel_blocks(model) == ["conv1", "conv2"]
+    assert kernels.kernel_blocks(model) == ["conv1", "conv2", "head"]
     monkeypatch.setenv(kernels.ENV, "custom")  # mnist_cnn.model is plain torch: no switch there
     assert block_backends(to_device(build_model("seed"), "cpu").train(), images) == "ReluBackward0"
     model.eval()  # evaluation and export run the plain ops, in any mode
@@ -204,6 +263,96 @@ def test_setting_chooses_and_evaluation_uses_torch_ops(monkeypatch):
         assert block_backends(model, images) is None
     bn = kernels.build_training_model("bn", num_classes=10, choice="custom")
     assert type(bn).__name__ == "BNCNN" and kernels.kernel_blocks(bn) == []
+
+
+@needs_library
+@pytest.mark.parametrize("vendor, expected", [("GenuineIntel", True), ("AuthenticAMD", True),
+                                              ("SomeOtherVendor", False)])
+def test_auto_uses_the_kernels_on_both_measured_vendors(monkeypatch, vendor, expected):
+    monkeypatch.setattr(kernels, "_cpu_vendor", lambda: vendor)
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    assert [kernels.wanted(block) for block in kernels.BLOCKS] == [expected, expected]
+    monkeypatch.setenv(kernels.ENV, "torch")
+    assert not any(kernels.wanted(block) for block in kernels.BLOCKS)
+
+
+def test_the_cpu_is_read_once_per_process(monkeypatch):
+    # wanted() runs on every training step: /proc/cpuinfo (~1 KB per core) is read once
+    monkeypatch.delenv(kernels.ENV, raising=False)  # auto: the vendor decides
+    kernels._cpu_signature()
+    before = kernels._cpu_signature.cache_info()
+    for _ in range(3):
+        kernels.wanted("conv1")
+    after = kernels._cpu_signature.cache_info()
+    assert after.misses == before.misses and after.hits >= before.hits + 3
+
+
+@needs_library
+def test_inference_pooling_gives_torchs_values_bit_for_bit(monkeypatch):
+    # evaluation (inference_mode / no_grad) pools with the kernels: exact, so the recorded
+    # test accuracy is what `mnist-cnn evaluate` with torch's ops reports for the same weights
+    images = torch.cat([mnist_batch(300), torch.rand(20, 1, 28, 28), torch.zeros(3, 1, 28, 28)])
+    outputs = {}
+    for choice in ("custom", "torch"):
+        torch.manual_seed(0)  # the same weights: KernelSeedCNN and SeedCNN draw alike
+        model = training_model(choice).eval()
+        assert kernels.kernel_blocks(model) == (["conv1", "conv2", "head"] if choice == "custom" else [])
+        with torch.inference_mode():
+            outputs[choice] = model(images)
+        with torch.no_grad():
+            assert torch.equal(model(images), outputs[choice])
+    assert torch.equal(outputs["custom"], outputs["torch"])
+    y = torch.randn(5, 6, 24, 24)
+    monkeypatch.setenv(kernels.ENV, "custom")
+    with torch.no_grad():
+        pooled = kernels.pool_relu(y, block="conv1")
+        assert torch.equal(pooled, F.relu(F.max_pool2d(y, 2)))
+        assert not pooled.is_contiguous()  # the kernel's channels-last output: it ran
+    assert kernels.pool_relu(y.requires_grad_(), block="conv1").grad_fn.name() == "ReluBackward0"  # grad on: torch's
+
+
+def test_training_threads_give_torchs_threads_to_the_kernels():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with kernels.training_threads():
+            assert (torch.get_num_threads(), kernels.kernel_threads()) == (1, 2)
+        assert (torch.get_num_threads(), kernels.kernel_threads()) == (2, 2)
+        with kernels.training_threads(False):  # another model, or a GPU: nothing changes
+            assert (torch.get_num_threads(), kernels.kernel_threads()) == (2, 2)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_the_seed_models_training_runs_torch_on_one_thread(tmp_path, small_data, monkeypatch):
+    from mnist_cnn import train as training
+    from mnist_cnn.config import TrainConfig
+
+    seen = []
+    real_loss, real_evaluate = training.batch_loss, training.evaluate
+
+    def spy(*args, **kwargs):
+        seen.append((torch.get_num_threads(), kernels.kernel_threads()))
+        return real_loss(*args, **kwargs)
+
+    def evaluate_spy(*args, **kwargs):  # the test passes too
+        seen.append((torch.get_num_threads(), kernels.kernel_threads()))
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(training, "batch_loss", spy)
+    monkeypatch.setattr(training, "evaluate", evaluate_spy)
+    monkeypatch.setenv(kernels.ENV, "custom")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for model in ("seed", "bn"):
+            seen.clear()
+            training.train(TrainConfig(dataset="custom", model=model, epochs=1), run_dir=tmp_path / model,
+                           data_dir=str(small_data), progress=False, log=lambda m: None)
+            assert set(seen) == ({(1, 2)} if model == "seed" else {(2, 2)}), model
+            assert torch.get_num_threads() == 2  # restored after the run
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_environment_overrides_the_setting_and_a_bad_value_is_one_line_error(monkeypatch):
@@ -230,7 +379,7 @@ def test_a_run_records_its_kernels_and_the_override(tmp_path, small_data, monkey
     run = train(config, run_dir=tmp_path / "custom", **{**quiet, "log": lines.append}).run_dir
     recorded = json.loads((run / "config.json").read_text())
     assert recorded["config"]["kernels"] == "custom"
-    assert recorded["kernel_blocks"] == (["conv1", "conv2"] if kernels.load_library() else [])
+    assert recorded["kernel_blocks"] == (["conv1", "conv2", "head"] if kernels.load_library() else [])
     assert "MNIST_CNN_KERNELS=custom overrides the run's kernels setting (torch)" in lines
 
 
@@ -275,8 +424,50 @@ def test_threads_and_fork():
         one = run_block("conv2", x, weight, bias, grad, force=True)
     finally:
         torch.set_num_threads(previous)
-    for a, b in zip(one[1:], two[1:]):  # another split of the batch: same sums, other order
-        assert relative_error(a, b) <= 1e-6
+    for a, b in zip(one, two):  # weight gradients summed per fixed chunk: any thread count, same bits
+        assert torch.equal(a, b)
+
+
+@needs_library
+def test_the_worker_pool_under_concurrent_callers_and_fork(monkeypatch):
+    # The kernels' kept worker threads: two Python threads calling at once (one gets the pool,
+    # the other starts threads of its own), thread counts that change between calls, and a
+    # fork()ed child that must start workers afresh. Same bits everywhere (per-image outputs,
+    # weight gradients summed per fixed chunk), no hang.
+    import os
+    import threading
+
+    x, weight, bias = block_inputs("conv2", torch.randn(16, 6, 12, 12))
+    grad = torch.randn(16, 16, 4, 4)
+    monkeypatch.setattr(kernels, "_kernel_threads", 1)
+    expected = run_block("conv2", x, weight, bias, grad, force=True, fused=True)
+    failures: list[str] = []
+
+    def calls(counts):
+        for count in counts:
+            kernels._kernel_threads = count  # a plain global: both threads set it, either value is fine
+            got = run_block("conv2", x, weight, bias, grad, force=True, fused=True)
+            if not all(torch.equal(a, b) for a, b in zip(got, expected)):
+                failures.append(f"threads {count}: other values")
+
+    workers = [threading.Thread(target=calls, args=([2, 3, 1, 2] * 10,), daemon=True) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    assert not any(worker.is_alive() for worker in workers), "a kernel call hung"
+    assert not failures, failures
+    y = torch.randn(4, 8, 8, 16)
+    expected_out = F.max_pool2d(y.permute(0, 3, 1, 2), 2).relu().permute(0, 2, 3, 1).numpy()
+    out = torch.zeros(4, 4, 4, 16)
+    idx = torch.empty(4, 4, 4, 16, dtype=torch.uint8)
+    lib = kernels.load_library()
+    pid = os.fork()
+    if pid == 0:  # the child calls the C library only (torch's OpenMP pool may hang after fork)
+        lib.conv2_pool_relu_fwd(y.data_ptr(), out.data_ptr(), idx.data_ptr(), 4, 256, 64, 16, 1, 2)
+        os._exit(0 if (out.numpy() == expected_out).all() else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 TRAIN_STEPS = """
@@ -289,7 +480,7 @@ torch.set_num_threads(2)
 assert kernels.load_library() is not None, kernels.failure()
 torch.manual_seed(0)
 model = to_device(kernels.build_training_model("seed", num_classes=10, choice=kernels.mode()), "cpu").train()
-assert kernels.kernel_blocks(model) == ["conv1", "conv2"]
+assert kernels.kernel_blocks(model) == ["conv1", "conv2", "head"]
 optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 x, y = torch.rand(16, 1, 28, 28), torch.arange(16) % 10
 for _ in range(3):

@@ -8,8 +8,6 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -232,7 +230,12 @@ def _md5(data: bytes) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
+# urllib.request is imported where a download happens: it pulls in http.client and email
+# (~30 ms), which every command that reads the data (and predict, via IMAGE_SIZE) would pay.
+
 def _fetch(url: str, *, timeout: float, progress: bool, label: str) -> bytes:
+    import urllib.request
+
     from tqdm import tqdm
 
     with urllib.request.urlopen(url, timeout=timeout) as response:
@@ -247,6 +250,8 @@ def _fetch(url: str, *, timeout: float, progress: bool, label: str) -> bytes:
 
 
 def _describe(error: Exception) -> str:
+    import urllib.error
+
     if isinstance(error, urllib.error.HTTPError):
         return f"HTTP {error.code} {error.reason}"
     return str(getattr(error, "reason", None) or error)
@@ -265,6 +270,8 @@ def download_dataset(spec: DatasetSpec, target: Path, *, splits: tuple[str, ...]
                      progress: bool = True, log: Callable[[str], None] | None = None) -> None:
     """Fetch the .gz files of `splits` into `target`, verifying each one's canonical MD5 (and
     the decompressed SHA-256); a failing or corrupt mirror is skipped for the next one."""
+    import urllib.error
+
     mirrors = mirror_list(spec) if mirrors is None else mirrors
     stems = split_stems(spec, splits)
     if not mirrors or not all(stem in spec.gz_md5 for stem in stems):

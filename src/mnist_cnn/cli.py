@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import MISSING
 from typing import Any, Callable, Sequence
@@ -508,6 +509,11 @@ def build_parser() -> Parser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # torch's C++ logging writes warnings and errors of its own to stderr (c10d's socket
+    # retries with stack traces, "hostname cannot be retrieved" where the host name does not
+    # resolve), before our one-line error that already says what failed. Read when torch is
+    # imported, so set here, before any handler imports it; a value the user set wins.
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)

@@ -68,7 +68,9 @@ def layer_rows(model: nn.Module) -> list[LayerRow]:
     was_training = model.training
     try:
         model.eval()
-        with torch.inference_mode():
+        # with autograd on: the model then calls every layer as a module (under inference_mode
+        # the seed model pools with mnist_cnn.kernels, and its pooling layers would not show)
+        with torch.enable_grad():
             model(torch.zeros(1, 1, IMAGE_SIZE, IMAGE_SIZE, device=next(model.parameters()).device))
     finally:
         for handle in handles:

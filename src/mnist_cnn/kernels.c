@@ -16,15 +16,20 @@
      Only one position in four of the convolution's output has a gradient, so this does a
      quarter of the work of a dense convolution backward.
 
-   Threads split the batch; each accumulates its own weight gradient and the partial sums are
-   added in thread order, so a result depends only on the inputs and the thread count. */
+   Threads split the batch. The weight gradients are summed per fixed chunk of the batch
+   (GRAD_CHUNKS of them, whatever the thread count) and the chunks' sums added in order, so a
+   result depends only on the inputs: the same at any thread count. */
 
+#define _GNU_SOURCE
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define MAX_THREADS 64
+#define GRAD_CHUNKS 16 /* weight-gradient partial sums per batch (fewer for smaller batches) */
 
 typedef void (*chunk_fn)(void *arg, int thread, int64_t begin, int64_t end);
 
@@ -42,20 +47,11 @@ static void *run_chunk(void *p) {
 }
 
 /* [0, n) in `threads` contiguous chunks, chunk 0 on the caller, the others on threads started
-   for this call and joined before it returns: no state survives a call, so concurrent callers
-   (threads or processes) and fork() need no care. (A pool of sleeping workers was tried: on
-   this busy 2-core machine, waking them cost more than starting threads, 100 vs 70 us.)
-   Returns the number of chunks. */
-static int parallel(chunk_fn fn, void *arg, int64_t n, int threads) {
-    struct chunk chunks[MAX_THREADS];
+   for this call and joined before it returns: no state survives the call. The fallback of
+   parallel() below (another thread is using the pool, or no worker could be started). */
+static int parallel_spawn(struct chunk *chunks, int threads) {
     pthread_t ids[MAX_THREADS];
     int started[MAX_THREADS];
-    if (threads > n) threads = (int)n;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads < 1) threads = 1;
-    for (int t = 0; t < threads; t++) {
-        chunks[t] = (struct chunk){fn, arg, t, n * t / threads, n * (t + 1) / threads};
-    }
     for (int t = 1; t < threads; t++) {
         started[t] = pthread_create(&ids[t], NULL, run_chunk, &chunks[t]) == 0;
         if (!started[t]) run_chunk(&chunks[t]);
@@ -64,6 +60,129 @@ static int parallel(chunk_fn fn, void *arg, int64_t n, int threads) {
     for (int t = 1; t < threads; t++) {
         if (started[t]) pthread_join(ids[t], NULL);
     }
+    return threads;
+}
+
+/* The pool: workers started once and kept, each spinning for POOL_SPIN_NS after its last job
+   (the next kernel call of a training step usually comes within that: waking costs ~1 us
+   instead of the ~80 us of starting and joining a thread, measured on a 2-vCPU KVM guest),
+   then sleeping on a condition variable. One caller at a time uses it (`use`); a concurrent
+   caller starts its own threads instead. A fork()ed child has no workers: it starts afresh.
+   Generations: the caller publishes the jobs, then bumps `generation`; every worker runs its
+   job of that generation (or none) and decrements `pending`, which the caller waits to reach
+   0. A worker starts knowing the generation at its creation, so it cannot miss the first job
+   published after it. */
+#define POOL_SPIN_NS 200000L
+
+static struct {
+    pthread_mutex_t use, lock;
+    pthread_cond_t wake;
+    int workers;
+    unsigned generation; /* written under `lock`, read atomically by spinning workers */
+    struct chunk jobs[MAX_THREADS];
+    int pending;         /* atomic */
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, {{0}}, 0};
+
+static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
+
+static void pool_after_fork(void) {
+    pthread_mutex_init(&pool.use, NULL);
+    pthread_mutex_init(&pool.lock, NULL);
+    pthread_cond_init(&pool.wake, NULL);
+    pool.workers = 0;
+    __atomic_store_n(&pool.pending, 0, __ATOMIC_RELAXED);
+}
+
+static void pool_init(void) { pthread_atfork(NULL, NULL, pool_after_fork); }
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000L + t.tv_nsec;
+}
+
+struct worker_start {
+    int index;
+    unsigned seen;
+};
+
+static void *pool_worker(void *p) {
+    const int index = ((struct worker_start *)p)->index;
+    unsigned seen = ((struct worker_start *)p)->seen;
+    free(p);
+    for (;;) {
+        unsigned generation = __atomic_load_n(&pool.generation, __ATOMIC_ACQUIRE);
+        if (generation == seen) {
+            const int64_t until = now_ns() + POOL_SPIN_NS;
+            while ((generation = __atomic_load_n(&pool.generation, __ATOMIC_ACQUIRE)) == seen && now_ns() < until)
+                __builtin_ia32_pause();
+        }
+        if (generation == seen) {
+            pthread_mutex_lock(&pool.lock);
+            while ((generation = __atomic_load_n(&pool.generation, __ATOMIC_ACQUIRE)) == seen)
+                pthread_cond_wait(&pool.wake, &pool.lock);
+            pthread_mutex_unlock(&pool.lock);
+        }
+        seen = generation;
+        struct chunk job = pool.jobs[index];
+        if (job.fn) run_chunk(&job);
+        __atomic_sub_fetch(&pool.pending, 1, __ATOMIC_RELEASE);
+    }
+    return NULL;
+}
+
+/* Returns the number of chunks. */
+static int parallel(chunk_fn fn, void *arg, int64_t n, int threads) {
+    struct chunk chunks[MAX_THREADS];
+    if (threads > n) threads = (int)n;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads < 1) threads = 1;
+    for (int t = 0; t < threads; t++) {
+        chunks[t] = (struct chunk){fn, arg, t, n * t / threads, n * (t + 1) / threads};
+    }
+    if (threads == 1) {
+        run_chunk(&chunks[0]);
+        return 1;
+    }
+    pthread_once(&pool_once, pool_init);
+    if (pthread_mutex_trylock(&pool.use) != 0) return parallel_spawn(chunks, threads);
+    while (pool.workers < threads - 1) {
+        struct worker_start *start = malloc(sizeof *start);
+        pthread_attr_t attr;
+        pthread_t id;
+        int ok = 0;
+        if (start && pthread_attr_init(&attr) == 0) {
+            pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+            pthread_mutex_lock(&pool.lock);
+            *start = (struct worker_start){pool.workers, pool.generation};
+            pthread_mutex_unlock(&pool.lock);
+            ok = pthread_create(&id, &attr, pool_worker, start) == 0;
+            pthread_attr_destroy(&attr);
+        }
+        if (!ok) {
+            free(start);
+            break;
+        }
+        pool.workers++;
+    }
+    if (pool.workers < threads - 1) {
+        pthread_mutex_unlock(&pool.use);
+        return parallel_spawn(chunks, threads);
+    }
+    for (int w = 0; w < pool.workers; w++) {
+        pool.jobs[w] = w + 1 < threads ? chunks[w + 1] : (struct chunk){0};
+    }
+    __atomic_store_n(&pool.pending, pool.workers, __ATOMIC_RELAXED);
+    pthread_mutex_lock(&pool.lock);
+    __atomic_store_n(&pool.generation, pool.generation + 1, __ATOMIC_RELEASE);
+    pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.lock);
+    run_chunk(&chunks[0]);
+    for (long spins = 0; __atomic_load_n(&pool.pending, __ATOMIC_ACQUIRE) > 0; spins++) {
+        if (spins < 100000) __builtin_ia32_pause();
+        else sched_yield();
+    }
+    pthread_mutex_unlock(&pool.use);
     return threads;
 }
 
@@ -258,38 +377,46 @@ static void conv2_fused_chunk(void *arg, int thread, int64_t begin, int64_t end)
     for (int64_t b = begin; b < end; b++) {
         const float *img = a->x + b * N * N * C;
         for (int py = 0; py < P; py++) {
-            for (int px = 0; px < P; px++) {
-                v16a acc[4] = {bv, bv, bv, bv}; /* window positions 0 1 / 2 3 */
+            /* two pooled pixels (px, px + 1) at once: 8 accumulators, each weight vector
+               loaded once for the 8 FMAs */
+            for (int px = 0; px < P; px += 2) {
+                v16a acc[2][4]; /* [pixel][window position 0 1 / 2 3] */
+                for (int q = 0; q < 2; q++)
+                    for (int s = 0; s < 4; s++) acc[q][s] = bv;
                 for (int kh = 0; kh < K; kh++) {
                     const float *r0 = img + ((2 * py + kh) * N + 2 * px) * C;
                     const float *r1 = r0 + N * C;
                     for (int kw = 0; kw < K; kw++) {
                         for (int c = 0; c < C; c++) {
                             const v16a w = wt[kh][kw][c];
-                            acc[0] += r0[kw * C + c] * w;
-                            acc[1] += r0[(kw + 1) * C + c] * w;
-                            acc[2] += r1[kw * C + c] * w;
-                            acc[3] += r1[(kw + 1) * C + c] * w;
+                            for (int q = 0; q < 2; q++) {
+                                acc[q][0] += r0[(2 * q + kw) * C + c] * w;
+                                acc[q][1] += r0[(2 * q + kw + 1) * C + c] * w;
+                                acc[q][2] += r1[(2 * q + kw) * C + c] * w;
+                                acc[q][3] += r1[(2 * q + kw + 1) * C + c] * w;
+                            }
                         }
                     }
                 }
-                v16i g1 = acc[1] > acc[0];
-                v16a m0 = select16(g1, acc[1], acc[0]);
-                v16i k0 = g1 & 1;
-                v16i g3 = acc[3] > acc[2];
-                v16a m1 = select16(g3, acc[3], acc[2]);
-                v16i k1 = 2 + (g3 & 1);
-                v16i g = m1 > m0;
-                v16a mx = select16(g, m1, m0);
-                v16i k = (g & k1) | (~g & k0);
-                v16i open = mx > zero;
-                mx = select16(open, mx, zero);
-                k = (open & k) | (~open & 4);
-                float *out = a->out + b * a->osb + py * a->osh + px * a->osw;
-                uint8_t *idx = a->idx + ((b * P + py) * P + px) * O;
-                for (int o = 0; o < O; o++) {
-                    out[o * a->osc] = mx[o];
-                    idx[o] = (uint8_t)k[o];
+                for (int q = 0; q < 2; q++) {
+                    v16i g1 = acc[q][1] > acc[q][0];
+                    v16a m0 = select16(g1, acc[q][1], acc[q][0]);
+                    v16i k0 = g1 & 1;
+                    v16i g3 = acc[q][3] > acc[q][2];
+                    v16a m1 = select16(g3, acc[q][3], acc[q][2]);
+                    v16i k1 = 2 + (g3 & 1);
+                    v16i g = m1 > m0;
+                    v16a mx = select16(g, m1, m0);
+                    v16i k = (g & k1) | (~g & k0);
+                    v16i open = mx > zero;
+                    mx = select16(open, mx, zero);
+                    k = (open & k) | (~open & 4);
+                    float *out = a->out + b * a->osb + py * a->osh + (px + q) * a->osw;
+                    uint8_t *idx = a->idx + ((b * P + py) * P + px + q) * O;
+                    for (int o = 0; o < O; o++) {
+                        out[o * a->osc] = mx[o];
+                        idx[o] = (uint8_t)k[o];
+                    }
                 }
             }
         }
@@ -366,8 +493,48 @@ struct bwd_args {
         }                                                                                      \
     }
 
-DEFINE_WEIGHT_GRAD(weight_grad_v8x1, v8, 8, 1)    /* rows of 5 (conv1) */
 DEFINE_WEIGHT_GRAD(weight_grad_v16x2, v16, 16, 2) /* rows of 30 (conv2) */
+
+/* conv1's weight gradient (Ci = 1: rows of 5 taps): all six channels of a pooled pixel at once,
+   6 x 5 accumulators, so the pixel's index bytes and gradients are read once and no
+   accumulator waits for the one before; each image is first copied into a padded buffer, so
+   the 8-lane row loads never read past it. */
+static inline __attribute__((always_inline)) void weight_grad_conv1(
+    const struct bwd_args *a, float *restrict dw, float *restrict db, int64_t begin,
+    int64_t end, const int Hi, const int Wi, const int Ci, const int Co, const int K) {
+    enum { N = 28, C = 6, T = 5, P = 12 };
+    (void)Hi; (void)Wi; (void)Ci; (void)Co; (void)K;
+    v8 acc[C][T];
+    float dbs[C] = {0};
+    float img[N * N + 8] __attribute__((aligned(64)));
+    for (int o = 0; o < C; o++)
+        for (int kh = 0; kh < T; kh++) acc[o][kh] = (v8){0};
+    memset(img + N * N, 0, 8 * sizeof(float));
+    for (int64_t b = begin; b < end; b++) {
+        memcpy(img, a->x + b * N * N, N * N * sizeof(float));
+        const uint8_t *ib = a->idx + b * P * P * C;
+        const float *gb = a->g + b * a->gsb;
+        for (int py = 0; py < P; py++) {
+            for (int px = 0; px < P; px++) {
+                const uint8_t *ip = ib + (py * P + px) * C;
+                const float *gp = gb + py * a->gsh + px * a->gsw;
+                for (int o = 0; o < C; o++) {
+                    /* branch-free: a closed ReLU (k == 4) adds zeros at position 0 */
+                    const int k = ip[o] & 7;
+                    const float gv = k == 4 ? 0.0f : gp[o * a->gsc];
+                    const float *xp = img + (2 * py + ((k >> 1) & 1)) * N + 2 * px + (k & 1);
+                    dbs[o] += gv;
+                    for (int kh = 0; kh < T; kh++) acc[o][kh] += gv * *(const v8 *)(xp + kh * N);
+                }
+            }
+        }
+    }
+    for (int o = 0; o < C; o++) {
+        for (int kh = 0; kh < T; kh++)
+            for (int kw = 0; kw < T; kw++) dw[(o * T + kh) * T + kw] = acc[o][kh][kw];
+        db[o] = dbs[o];
+    }
+}
 
 static inline __attribute__((always_inline)) void input_grad(
     const struct bwd_args *a, int64_t begin, int64_t end,
@@ -467,26 +634,248 @@ static void sum_partials(const float *partial, int threads, int64_t n, float *dw
         struct pool_args a = {y, out, idx, osb, osh, osw, osc};                                \
         parallel(NAME##_pool_chunk, &a, batch, threads);                                       \
     }                                                                                          \
+    /* [begin, end) are chunks of the batch (GRAD_CHUNKS, or one per image if fewer) */       \
     static void NAME##_bwd_chunk(void *arg, int thread, int64_t begin, int64_t end) {          \
+        (void)thread;                                                                          \
         const struct bwd_args *a = (const struct bwd_args *)arg;                               \
-        float *dw = a->partial + (int64_t)thread * (CO * K * K * CI + CO);                     \
-        WGRAD(a, dw, dw + CO * K * K * CI, begin, end, HI, WI, CI, CO, K);                     \
-        if (a->dx) XGRAD(a, begin, end, HI, WI, CI, CO, K);                                    \
+        const int64_t chunks = a->batch < GRAD_CHUNKS ? a->batch : GRAD_CHUNKS;                \
+        for (int64_t c = begin; c < end; c++) {                                                \
+            const int64_t b0 = a->batch * c / chunks, b1 = a->batch * (c + 1) / chunks;        \
+            float *dw = a->partial + c * (CO * K * K * CI + CO);                               \
+            WGRAD(a, dw, dw + CO * K * K * CI, b0, b1, HI, WI, CI, CO, K);                     \
+            if (a->dx) XGRAD(a, b0, b1, HI, WI, CI, CO, K);                                    \
+        }                                                                                      \
     }                                                                                          \
     int NAME##_conv_pool_bwd(const float *g, int64_t gsb, int64_t gsh, int64_t gsw, int64_t gsc, \
                              const uint8_t *idx, const float *x, const float *w, float *dw,    \
                              float *db, float *dx, int64_t batch, int threads) {               \
         const int64_t nw = (int64_t)CO * K * K * CI, n = nw + CO;                              \
-        float *partial = (float *)malloc(sizeof(float) * n * (threads < 1 ? 1 : threads));     \
+        const int64_t chunks = batch < GRAD_CHUNKS ? batch : GRAD_CHUNKS;                      \
+        float *partial = (float *)malloc(sizeof(float) * n * chunks);                          \
         if (!partial) return 1;                                                                \
         struct bwd_args a = {g, gsb, gsh, gsw, gsc, idx, x, w, dx, partial, batch};             \
-        const int used = parallel(NAME##_bwd_chunk, &a, batch, threads);                       \
-        sum_partials(partial, used, n, dw, db, nw);                                            \
+        parallel(NAME##_bwd_chunk, &a, chunks, threads);                                       \
+        sum_partials(partial, (int)chunks, n, dw, db, nw);                                     \
         free(partial);                                                                         \
         return 0;                                                                              \
     }
 
 /* conv1: (B, 28, 28, 1) -> conv 5x5 -> (B, 24, 24, 6) -> pool -> (B, 12, 12, 6) */
-DEFINE_BLOCK(conv1, 28, 28, 1, 6, 5, weight_grad_v8x1, input_grad)
+DEFINE_BLOCK(conv1, 28, 28, 1, 6, 5, weight_grad_conv1, input_grad)
 /* conv2: (B, 12, 12, 6) -> conv 5x5 -> (B, 8, 8, 16) -> pool -> (B, 4, 4, 16) */
 DEFINE_BLOCK(conv2, 12, 12, 6, 16, 5, weight_grad_v16x2, input_grad_v16x2)
+
+/* ------------------------------------------------------------------ the head: linear -> dropout -> ReLU -> linear
+
+   logits = relu((x W1^T + b1) * noise) W2^T + b2 for a batch x (B, I), W1 (HEAD_H, I), W2 (O, HEAD_H)
+   and dropout's scaled mask `noise` (B, HEAD_H), drawn by the caller as torch's dropout draws it;
+   I a multiple of 128, O at most 16 (the seed model: I = 256, HEAD_H = 96, O = 10). The forward
+   keeps d = (x W1^T + b1) * noise (B, HEAD_H) for the backward. Every output element is one sum
+   in a fixed order (bias first, then the inner index ascending) computed by one thread, so the
+   results depend on the inputs only, not on the thread count. Rows are held in registers as
+   vectors of 16 lanes, a few rows at once, so each loaded weight vector serves several FMAs. */
+
+#define HEAD_H 96
+#define HEAD_NV (HEAD_H / 16)
+#define HEAD_ROWS 4 /* forward: batch rows per pass (HEAD_ROWS * HEAD_NV accumulators) */
+
+struct head_args {
+    const float *x, *w1, *b1, *w2, *b2, *noise, *g;
+    float *w1t;   /* (I, HEAD_H): W1 transposed, for the forward */
+    float *w2t;   /* (HEAD_H, 16): W2 transposed, zero-padded to 16 classes */
+    float *b2t;   /* (16): b2, zero-padded */
+    float *d, *logits, *dw1, *db1, *dw2, *db2, *dx, *dh;
+    int64_t batch, in, out;
+};
+
+static void head_fwd_chunk(void *arg, int thread, int64_t begin, int64_t end) {
+    (void)thread;
+    const struct head_args *a = (const struct head_args *)arg;
+    const int64_t I = a->in, O = a->out;
+    for (int64_t b0 = begin; b0 < end; b0 += HEAD_ROWS) {
+        const int rows = end - b0 < HEAD_ROWS ? (int)(end - b0) : HEAD_ROWS;
+        v16 acc[HEAD_ROWS][HEAD_NV];
+        for (int r = 0; r < HEAD_ROWS; r++)
+            for (int v = 0; v < HEAD_NV; v++) acc[r][v] = *(const v16 *)(a->b1 + 16 * v);
+        const float *xr[HEAD_ROWS];
+        for (int r = 0; r < HEAD_ROWS; r++) xr[r] = a->x + (b0 + (r < rows ? r : 0)) * I;
+        for (int64_t k = 0; k < I; k++) {
+            const float *wk = a->w1t + k * HEAD_H;
+            for (int v = 0; v < HEAD_NV; v++) {
+                const v16 w = *(const v16 *)(wk + 16 * v);
+                for (int r = 0; r < HEAD_ROWS; r++) acc[r][v] += xr[r][k] * w;
+            }
+        }
+        /* d = h * noise; logits = b2 + relu(d) W2^T, the O classes in the lanes of one vector */
+        float relu[HEAD_ROWS][HEAD_H];
+        v16 out[HEAD_ROWS];
+        for (int r = 0; r < HEAD_ROWS; r++) {
+            const int64_t b = b0 + (r < rows ? r : 0);
+            const float *nb = a->noise + b * HEAD_H;
+            const v16 zero = {0};
+            for (int v = 0; v < HEAD_NV; v++) {
+                const v16 dv = acc[r][v] * *(const v16 *)(nb + 16 * v);
+                if (r < rows) *(v16 *)(a->d + b * HEAD_H + 16 * v) = dv;
+                *(v16 *)(relu[r] + 16 * v) = (v16)((v16i)(dv > zero) & (v16i)dv);
+            }
+            out[r] = *(const v16 *)a->b2t;
+        }
+        for (int j = 0; j < HEAD_H; j++) {
+            const v16 w = *(const v16 *)(a->w2t + 16 * j);
+            for (int r = 0; r < HEAD_ROWS; r++) out[r] += relu[r][j] * w;
+        }
+        for (int r = 0; r < rows; r++) {
+            float lanes[16];
+            memcpy(lanes, &out[r], sizeof(lanes));
+            memcpy(a->logits + (b0 + r) * O, lanes, sizeof(float) * O);
+        }
+    }
+}
+
+static void transpose_chunk(void *arg, int thread, int64_t begin, int64_t end) {
+    (void)thread;
+    const struct head_args *a = (const struct head_args *)arg;
+    for (int64_t k = begin; k < end; k++)
+        for (int64_t j = 0; j < HEAD_H; j++) a->w1t[k * HEAD_H + j] = a->w1[j * a->in + k];
+    if (begin == 0) {
+        memset(a->w2t, 0, sizeof(float) * 16 * (HEAD_H + 1));
+        for (int64_t j = 0; j < HEAD_H; j++)
+            for (int64_t c = 0; c < a->out; c++) a->w2t[16 * j + c] = a->w2[c * HEAD_H + j];
+        for (int64_t c = 0; c < a->out; c++) a->b2t[c] = a->b2[c];
+    }
+}
+
+/* x (B, I), w1 (HEAD_H, I), b1 (HEAD_H), w2 (O, HEAD_H), b2 (O), noise (B, HEAD_H) ->
+   d (B, HEAD_H), logits (B, O); contiguous rows. Returns 1 when out of memory, 2 for sizes
+   this kernel does not handle. */
+int head_fwd(const float *x, const float *w1, const float *b1, const float *w2, const float *b2,
+             const float *noise, float *d, float *logits, int64_t batch, int64_t in, int64_t hidden,
+             int64_t out, int threads) {
+    if (hidden != HEAD_H || in % 128 || out < 1 || out > 16) return 2;
+    float *w1t = (float *)malloc(sizeof(float) * (in * HEAD_H + 16 * (HEAD_H + 1)));
+    if (!w1t) return 1;
+    struct head_args a = {.x = x, .w1 = w1, .b1 = b1, .w2 = w2, .b2 = b2, .noise = noise, .w1t = w1t,
+                          .w2t = w1t + in * HEAD_H, .b2t = w1t + in * HEAD_H + 16 * HEAD_H, .d = d, .logits = logits, .batch = batch, .in = in, .out = out};
+    parallel(transpose_chunk, &a, in, threads);
+    parallel(head_fwd_chunk, &a, batch, threads);
+    free(w1t);
+    return 0;
+}
+
+/* rows b of dh = (d > 0 ? g W2 : 0) * noise, and of dx = dh W1, two rows and 128 columns of
+   dx at a time */
+static void head_bwd_rows_chunk(void *arg, int thread, int64_t begin, int64_t end) {
+    (void)thread;
+    const struct head_args *a = (const struct head_args *)arg;
+    const int64_t I = a->in, O = a->out;
+    for (int64_t b = begin; b < end; b++) {
+        float *hb = a->dh + b * HEAD_H;
+        const float *gb = a->g + b * O;
+        const float *db = a->d + b * HEAD_H;
+        const float *nb = a->noise + b * HEAD_H;
+        v16 acc[HEAD_NV];
+        for (int v = 0; v < HEAD_NV; v++) acc[v] = (v16){0};
+        for (int c = 0; c < O; c++)
+            for (int v = 0; v < HEAD_NV; v++) acc[v] += gb[c] * *(const v16 *)(a->w2 + c * HEAD_H + 16 * v);
+        for (int v = 0; v < HEAD_NV; v++) {
+            const v16 dv = *(const v16 *)(db + 16 * v);
+            const v16 zero = {0};
+            v16 open = (v16)(dv > zero);
+            *(v16 *)(hb + 16 * v) = (v16)((v16i)open & (v16i)acc[v]) * *(const v16 *)(nb + 16 * v);
+        }
+    }
+    if (!a->dx) return;
+    for (int64_t b0 = begin; b0 < end; b0 += 2) {
+        const int rows = end - b0 < 2 ? 1 : 2;
+        const float *h0 = a->dh + b0 * HEAD_H, *h1 = a->dh + (b0 + rows - 1) * HEAD_H;
+        for (int64_t k0 = 0; k0 < I; k0 += 128) {
+            v16 acc0[8], acc1[8];
+            for (int v = 0; v < 8; v++) acc0[v] = acc1[v] = (v16){0};
+            for (int j = 0; j < HEAD_H; j++) {
+                const float *wj = a->w1 + j * I + k0;
+                const float s0 = h0[j], s1 = h1[j];
+                for (int v = 0; v < 8; v++) {
+                    const v16 w = *(const v16 *)(wj + 16 * v);
+                    acc0[v] += s0 * w;
+                    acc1[v] += s1 * w;
+                }
+            }
+            for (int v = 0; v < 8; v++) *(v16 *)(a->dx + b0 * I + k0 + 16 * v) = acc0[v];
+            if (rows == 2)
+                for (int v = 0; v < 8; v++) *(v16 *)(a->dx + (b0 + 1) * I + k0 + 16 * v) = acc1[v];
+        }
+    }
+}
+
+/* rows j of dW1 = dh^T x and db1 = sum_b dh, two rows and 128 columns at a time */
+static void head_bwd_weights_chunk(void *arg, int thread, int64_t begin, int64_t end) {
+    (void)thread;
+    const struct head_args *a = (const struct head_args *)arg;
+    const int64_t I = a->in, B = a->batch;
+    for (int64_t j = begin; j < end; j++) {
+        float s = 0.0f;
+        for (int64_t b = 0; b < B; b++) s += a->dh[b * HEAD_H + j];
+        a->db1[j] = s;
+    }
+    for (int64_t j0 = begin; j0 < end; j0 += 2) {
+        const int rows = end - j0 < 2 ? 1 : 2;
+        const int64_t j1 = j0 + rows - 1;
+        for (int64_t k0 = 0; k0 < I; k0 += 128) {
+            v16 acc0[8], acc1[8];
+            for (int v = 0; v < 8; v++) acc0[v] = acc1[v] = (v16){0};
+            for (int64_t b = 0; b < B; b++) {
+                const float *xb = a->x + b * I + k0;
+                const float s0 = a->dh[b * HEAD_H + j0], s1 = a->dh[b * HEAD_H + j1];
+                for (int v = 0; v < 8; v++) {
+                    const v16 xv = *(const v16 *)(xb + 16 * v);
+                    acc0[v] += s0 * xv;
+                    acc1[v] += s1 * xv;
+                }
+            }
+            for (int v = 0; v < 8; v++) *(v16 *)(a->dw1 + j0 * I + k0 + 16 * v) = acc0[v];
+            if (rows == 2)
+                for (int v = 0; v < 8; v++) *(v16 *)(a->dw1 + j1 * I + k0 + 16 * v) = acc1[v];
+        }
+    }
+}
+
+/* dW2 = g^T relu(d), db2 = sum_b g */
+static void head_bwd_last(const struct head_args *a) {
+    const int64_t O = a->out, B = a->batch;
+    for (int64_t c = 0; c < O; c++) {
+        v16 acc[HEAD_NV];
+        float s = 0.0f;
+        for (int v = 0; v < HEAD_NV; v++) acc[v] = (v16){0};
+        for (int64_t b = 0; b < B; b++) {
+            const float gv = a->g[b * O + c];
+            const float *db = a->d + b * HEAD_H;
+            s += gv;
+            for (int v = 0; v < HEAD_NV; v++) {
+                const v16 dv = *(const v16 *)(db + 16 * v);
+                const v16 zero = {0};
+                acc[v] += gv * (v16)((v16i)(dv > zero) & (v16i)dv);
+            }
+        }
+        for (int v = 0; v < HEAD_NV; v++) *(v16 *)(a->dw2 + c * HEAD_H + 16 * v) = acc[v];
+        a->db2[c] = s;
+    }
+}
+
+/* From the logits' gradient g (B, O) and the forward's d: dw1 (HEAD_H, I), db1 (HEAD_H),
+   dw2 (O, HEAD_H), db2 (O) and, when dx is not NULL, dx (B, I). Returns 1 when out of memory,
+   2 for sizes this kernel does not handle. */
+int head_bwd(const float *g, const float *x, const float *w1, const float *w2, const float *noise,
+             const float *d, float *dw1, float *db1, float *dw2, float *db2, float *dx,
+             int64_t batch, int64_t in, int64_t hidden, int64_t out, int threads) {
+    if (hidden != HEAD_H || in % 128 || out < 1 || out > 16) return 2;
+    float *dh = (float *)malloc(sizeof(float) * batch * HEAD_H);
+    if (!dh) return 1;
+    struct head_args a = {.x = x, .w1 = w1, .w2 = w2, .noise = noise, .g = g, .d = (float *)d, .dw1 = dw1,
+                          .db1 = db1, .dw2 = dw2, .db2 = db2, .dx = dx, .dh = dh,
+                          .batch = batch, .in = in, .out = out};
+    parallel(head_bwd_rows_chunk, &a, batch, threads);
+    parallel(head_bwd_weights_chunk, &a, HEAD_H, threads);
+    head_bwd_last(&a);
+    free(dh);
+    return 0;
+}

@@ -24,7 +24,9 @@ on the CPU, no autocast); evaluation, export and tracing use the reference ops.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -47,13 +49,19 @@ ENV = "MNIST_CNN_KERNELS"
 SOURCE = Path(__file__).with_name("kernels.c")
 CFLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-std=c11")
 
-# Where `auto` uses the kernels: where they were measured faster (forward + backward of each
-# block at batch 128 and 256, the whole step, and an epoch; channels-last, interleaved with the
-# reference ops, 1 thread; benchmarks/kernels.py, figures and machine in benchmarks/results/).
-# Only Intel with AVX-512 has been measured: elsewhere `auto` keeps the reference ops until
-# someone measures (`--kernels custom` to try). Concurrent trainings, in threads or processes,
-# are safe: each call starts and joins its own threads (see parallel() in kernels.c).
-DEFAULT_ON: dict[str, dict[str, bool]] = {"GenuineIntel": {"conv1": True, "conv2": True}}
+# Where `auto` uses the kernels: measured faster (forward + backward of each block at batch 128
+# and 256, the whole step, and an epoch; channels-last, interleaved with the reference ops)
+# - on an Intel Xeon with AVX-512 (KVM guest, 2 cores), 2026-11-30, with 1 thread: the cores were
+#   shared with other jobs, which makes 2-thread timings scatter 2x (see benchmarks/kernels.py);
+# - on an AMD EPYC (Zen 5, AVX-512; KVM guest, 2 cores), 2026-12-01, shared with 6 other jobs:
+#   the whole step 2.5-2.9x faster with 1 thread, 1.4-1.8x with 2 (torch's ops suffer most from
+#   the contention there), each fused block 2.3-5x (docs/performance-round3.md).
+# Other vendors keep the reference ops until someone measures them (`--kernels custom` to try).
+# Concurrent trainings, in threads or processes, are safe: the worker pool in kernels.c starts
+# each worker knowing the job generation at its creation (it spins briefly, then sleeps); a
+# concurrent caller starts its own threads; a fork()ed child starts new workers.
+DEFAULT_ON: dict[str, dict[str, bool]] = {"GenuineIntel": {"conv1": True, "conv2": True, "head": True},
+                                          "AuthenticAMD": {"conv1": True, "conv2": True, "head": True}}
 # The block's convolution computed inside the kernel (no full-size map) rather than by torch
 # (oneDNN), where measured faster (same machine and runs as DEFAULT_ON).
 FUSED = {"conv1": True, "conv2": True}
@@ -88,7 +96,10 @@ _library: ctypes.CDLL | None = None
 _failure: str | None = None
 
 
+@functools.lru_cache(maxsize=None)
 def _cpu_signature() -> str:
+    # Read once per process: wanted() asks for the vendor on every training step, and reading
+    # /proc/cpuinfo took 37 us on 2 cores (it grows with the core count: ~1 KB per core).
     try:
         with open("/proc/cpuinfo") as handle:
             lines = [line for line in handle if line.startswith(("vendor_id", "model name", "flags"))]
@@ -149,6 +160,10 @@ def _declare(lib: ctypes.CDLL) -> None:
         backward = getattr(lib, f"{name}_conv_pool_bwd")
         backward.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p, p, i64, i32]
         backward.restype = i32
+    lib.head_fwd.argtypes = [p, p, p, p, p, p, p, p, i64, i64, i64, i64, i32]
+    lib.head_fwd.restype = i32
+    lib.head_bwd.argtypes = [p, p, p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i32]
+    lib.head_bwd.restype = i32
 
 
 def load_library() -> ctypes.CDLL | None:
@@ -211,6 +226,39 @@ def applies(x: torch.Tensor, weight: torch.Tensor, block: Block) -> bool:
             and not torch.is_autocast_enabled("cpu"))
 
 
+# ---------------------------------------------------------------- threads
+
+_kernel_threads: int | None = None  # set by training_threads(); None: torch's thread count
+
+
+def kernel_threads() -> int:
+    """Threads the kernels split a batch over."""
+    return _kernel_threads or torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def training_threads(active: bool = True):
+    """Within: torch's own ops on one thread, the kernels on the threads torch had. In the seed
+    model's training step the kernels do the heavy work; torch's remaining ops (loss, Adam,
+    dropout's mask) are too small to gain from a second thread, and on a machine shared with
+    other jobs their OpenMP threads wait on each other: measured 2026-12-01 on a busy 2-core
+    AMD EPYC, 26-37 ms a step with torch on 2 threads against 1.9-4.6 ms with torch on 1 and
+    the kernels on 1 or 2. Process-wide, like torch.set_num_threads: not for concurrent
+    trainings in threads of one process."""
+    global _kernel_threads
+    if not active:
+        yield
+        return
+    previous_torch, previous = torch.get_num_threads(), _kernel_threads
+    _kernel_threads = kernel_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous_torch)
+        _kernel_threads = previous
+
+
 # ---------------------------------------------------------------- the autograd Function
 
 def _bhwc_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
@@ -239,7 +287,7 @@ class ConvPoolReLU(torch.autograd.Function):
         out = (torch.empty(batch, co, pooled, pooled) if flat_output
                else _empty_channels_last(batch, co, pooled))
         idx = torch.empty(batch, pooled, pooled, co, dtype=torch.uint8)
-        threads = torch.get_num_threads()
+        threads = kernel_threads()
         if fused and block.name == "conv1" and not flat_output:
             lib.conv1_fused_fwd(x.data_ptr(), weight_cl.data_ptr(), bias.contiguous().data_ptr(),
                                 out.data_ptr(), idx.data_ptr(), batch, threads)
@@ -269,10 +317,30 @@ class ConvPoolReLU(torch.autograd.Function):
         status = getattr(lib, f"{block.name}_conv_pool_bwd")(
             grad.data_ptr(), *_bhwc_strides(grad), idx.data_ptr(), x.data_ptr(), weight_cl.data_ptr(),
             grad_w.data_ptr(), grad_b.data_ptr(), grad_x.data_ptr() if grad_x is not None else None,
-            batch, torch.get_num_threads())
+            batch, kernel_threads())
         if status != 0:
             raise MemoryError("mnist-cnn kernels: out of memory in the convolution backward")
         return grad_x, grad_w, grad_b, None, None, None
+
+
+def pool_relu(y: torch.Tensor, *, block: str, force: bool | None = None) -> torch.Tensor:
+    """relu(max_pool2d(y, 2)) of block `block`'s convolution output y, for inference (no
+    autograd): the kernels' pooling where wanted and it applies (CPU float32, grad off), else
+    torch's. Max and ReLU are exact, so both give the same values bit for bit (NaN aside: the
+    kernel's ReLU turns a NaN maximum into 0); the kernel is ~5x faster than torch's channels-last
+    max-pool at evaluation's batch of 1000."""
+    spec = BLOCKS[block]
+    size, pooled, channels = spec.size - spec.kernel + 1, spec.pooled, spec.out_channels
+    if (not torch.is_grad_enabled() and y.device.type == "cpu" and y.dtype == torch.float32
+            and y.dim() == 4 and y.shape[0] > 0 and tuple(y.shape[1:]) == (channels, size, size)
+            and (wanted(block) if force is None else force and load_library() is not None)):
+        y = _channels_last(y)
+        out = _empty_channels_last(y.shape[0], channels, pooled)
+        idx = torch.empty(y.shape[0], pooled, pooled, channels, dtype=torch.uint8)
+        getattr(load_library(), f"{block}_pool_relu_fwd")(
+            y.data_ptr(), out.data_ptr(), idx.data_ptr(), y.shape[0], *_bhwc_strides(out), kernel_threads())
+        return out
+    return F.relu(F.max_pool2d(y, 2, 2))
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -303,8 +371,9 @@ def _tracing() -> bool:
 
 
 class KernelSeedCNN(SeedCNN):
-    """SeedCNN whose conv -> pool -> ReLU blocks named in `blocks` run on the custom kernels
-    while it trains (grad enabled, not traced or exported). Same layers, parameters and
+    """SeedCNN whose conv -> pool -> ReLU blocks and head named in `blocks` run on the custom
+    kernels while it trains (grad enabled, not traced or exported), and whose pooling does in
+    its test passes (grad off). Same layers, parameters and
     state dict as SeedCNN, whose own forward runs in every other case (evaluation,
     inference, export), so a checkpoint neither knows nor cares which one trained it."""
 
@@ -313,13 +382,23 @@ class KernelSeedCNN(SeedCNN):
         self.blocks = blocks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and torch.is_grad_enabled()) or _tracing():
+        if _tracing():
             return super().forward(x)
-        x = conv_pool_relu(x, self.conv1.weight, self.conv1.bias, block="conv1",
-                           force="conv1" in self.blocks)  # (b, 6, 12, 12)
-        x = conv_pool_relu(x, self.conv2.weight, self.conv2.bias, block="conv2",
-                           force="conv2" in self.blocks, flat_output=True)  # (b, 16, 4, 4)
-        return self.head(x)
+        if self.training and torch.is_grad_enabled():
+            x = conv_pool_relu(x, self.conv1.weight, self.conv1.bias, block="conv1",
+                               force="conv1" in self.blocks)  # (b, 6, 12, 12)
+            x = conv_pool_relu(x, self.conv2.weight, self.conv2.bias, block="conv2",
+                               force="conv2" in self.blocks, flat_output=True)  # (b, 16, 4, 4)
+            # lin1 -> dropout -> ReLU -> lin2 as one step each way (the same dropout mask)
+            return head(self.flatten(x), self.lin1.weight, self.lin1.bias, self.lin2.weight, self.lin2.bias,
+                        p=self.drop1.p, force="head" in self.blocks)  # (b, 10) logits
+        if not torch.is_grad_enabled():
+            # The test pass during training: torch's convolutions, pooling and ReLU by the kernels
+            # (the same values bit for bit, ~5x faster than torch's max-pool at a batch of 1000)
+            x = pool_relu(self.conv1(x), block="conv1", force="conv1" in self.blocks)  # (b, 6, 12, 12)
+            x = pool_relu(self.conv2(x), block="conv2", force="conv2" in self.blocks)  # (b, 16, 4, 4)
+            return self.head(x)
+        return super().forward(x)
 
 
 def build_training_model(name: str, *, num_classes: int, choice: str) -> nn.Module:
@@ -327,7 +406,7 @@ def build_training_model(name: str, *, num_classes: int, choice: str) -> nn.Modu
     see mode()): the seed model with the blocks the choice wants on the custom kernels, if
     any; every other model as build_model makes it. Both draw the same initial weights."""
     if MODELS.get(name) is SeedCNN:
-        blocks = frozenset(block for block in BLOCKS if wanted(block, choice))
+        blocks = frozenset(block for block in (*BLOCKS, "head") if wanted(block, choice))
         if blocks:
             return KernelSeedCNN(blocks, num_classes=num_classes)
     return build_model(name, num_classes=num_classes)
@@ -336,3 +415,80 @@ def build_training_model(name: str, *, num_classes: int, choice: str) -> nn.Modu
 def kernel_blocks(model: nn.Module) -> list[str]:
     """The blocks of `model` that train on the custom kernels (for the run's record)."""
     return sorted(model.blocks) if isinstance(model, KernelSeedCNN) else []
+
+
+# ---------------------------------------------------------------- the head: linear -> dropout -> ReLU -> linear
+
+
+def dropout_noise(like: torch.Tensor, p: float) -> torch.Tensor:
+    """The scaled mask torch's dropout multiplies by on the CPU, drawn as it draws it (same
+    random stream): bernoulli(1 - p), divided by 1 - p."""
+    noise = torch.empty_like(like).bernoulli_(1 - p)
+    return noise.div_(1 - p)
+
+
+# The head's sizes the C code handles (the seed model's: 256 -> 96 -> 10), and its threads: one,
+# as its work (~0.1 ms a step at batch 128) is no larger than starting and joining a thread.
+HEAD_HIDDEN, HEAD_IN_MULTIPLE, HEAD_MAX_CLASSES, HEAD_THREADS = 96, 128, 16, 1
+
+
+def _check(status: int, where: str) -> None:
+    if status == 1:
+        raise MemoryError(f"mnist-cnn kernels: out of memory in the head's {where}")
+    if status:
+        raise RuntimeError(f"mnist-cnn kernels: the head's {where} does not handle these sizes")
+
+
+class Head(torch.autograd.Function):
+    """relu(dropout(linear(x, w1, b1))) -> linear(., w2, b2) with one C call each way."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, p: float):
+        lib = load_library()
+        x, w1, b1, w2, b2 = (t.contiguous() for t in (x, w1, b1, w2, b2))
+        batch, (hidden, features), classes = x.shape[0], w1.shape, w2.shape[0]
+        noise = dropout_noise(torch.empty(batch, hidden), p)
+        dropped = torch.empty(batch, hidden)  # (B, H) dropout's output, before the ReLU
+        logits = torch.empty(batch, classes)
+        _check(lib.head_fwd(x.data_ptr(), w1.data_ptr(), b1.data_ptr(), w2.data_ptr(), b2.data_ptr(),
+                            noise.data_ptr(), dropped.data_ptr(), logits.data_ptr(),
+                            batch, features, hidden, classes, HEAD_THREADS), "forward")
+        ctx.save_for_backward(x, w1, w2, noise, dropped)
+        return logits
+
+    @staticmethod
+    def backward(ctx, grad):
+        lib = load_library()
+        x, w1, w2, noise, dropped = ctx.saved_tensors
+        grad = grad.float().contiguous()
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        grad_w1, grad_b1 = torch.empty_like(w1), torch.empty(w1.shape[0])
+        grad_w2, grad_b2 = torch.empty_like(w2), torch.empty(w2.shape[0])
+        _check(lib.head_bwd(grad.data_ptr(), x.data_ptr(), w1.data_ptr(), w2.data_ptr(), noise.data_ptr(),
+                            dropped.data_ptr(), grad_w1.data_ptr(), grad_b1.data_ptr(), grad_w2.data_ptr(),
+                            grad_b2.data_ptr(), grad_x.data_ptr() if grad_x is not None else None,
+                            x.shape[0], x.shape[1], w1.shape[0], w2.shape[0], HEAD_THREADS), "backward")
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None
+
+
+def reference_head(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                   b2: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """The same head with torch's ops (dropout before the ReLU, as the tutorial has it)."""
+    return F.linear(F.relu(F.dropout(F.linear(x, w1, b1), p, training)), w2, b2)
+
+
+def head(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, *,
+         p: float, force: bool | None = None) -> torch.Tensor:
+    """The seed model's training head, linear(relu(dropout(linear(x, w1, b1), p)), w2, b2), for
+    (B, I) x: the custom kernel when `force` (or, if None, `wanted("head")`) and it applies
+    (CPU float32, the seed's hidden size, 0 < p < 1, no autocast), else torch's ops. Both draw dropout's mask from the
+    global generator the same way, so they train alike."""
+    use = wanted("head") if force is None else (force and load_library() is not None)
+    tensors = (x, w1, b1, w2, b2)
+    if (use and 0.0 < p < 1.0 and x.dim() == 2 and x.shape[0] > 0 and b1 is not None and b2 is not None
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and w1.shape == (HEAD_HIDDEN, x.shape[1]) and x.shape[1] % HEAD_IN_MULTIPLE == 0
+            and w2.shape[1] == HEAD_HIDDEN and 1 <= w2.shape[0] <= HEAD_MAX_CLASSES
+            and not torch.is_autocast_enabled("cpu")):
+        return Head.apply(x, w1, b1, w2, b2, float(p))
+    return reference_head(x, w1, b1, w2, b2, p)

@@ -194,11 +194,21 @@ def high_percentile(values: np.ndarray, q: float) -> float:
     return float(b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t)
 
 
+def median(values: np.ndarray) -> float:
+    """np.median of a 1-D array, the same value (the mean of the two middle values, in their
+    precision), without np.median's import of numpy.ma: 50 ms on every CLI prediction."""
+    if values.dtype.kind != "f":
+        values = values.astype(np.float64)
+    low, high = (values.size - 1) // 2, values.size // 2
+    middle = np.partition(values, [low, high])
+    return float((middle[low] + middle[high]) / 2)
+
+
 def normalise_ink(gray: np.ndarray) -> np.ndarray:
     """White ink on black, background at 0, ink at 1. The background is the median of the
     border pixels; an image whose background is light is inverted."""
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    background = float(np.median(border))
+    background = median(border)
     ink = 1.0 - gray if background > 0.5 else gray
     background = 1.0 - background if background > 0.5 else background
     peak = high_percentile(ink, 99.9)

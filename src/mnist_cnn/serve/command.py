@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import socket
 from pathlib import Path
@@ -96,6 +97,12 @@ def limit_settings(args: argparse.Namespace) -> dict:
                 keep_alive_timeout=args.keep_alive_timeout, max_connections=args.max_connections)
 
 
+def _workers(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 64:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid number of workers (1-64)")
+    return int(text)
+
+
 def add_serve_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "serve", help="a web page to draw digits on, and an HTTP API",
@@ -118,6 +125,9 @@ def add_serve_parser(subparsers) -> None:
                    help="allow browser pages from ORIGIN (e.g. https://example.org) to call the "
                         "API; repeatable (default: CORS off, and POSTs from other sites' pages refused)")
     add_limit_flags(p)
+    p.add_argument("--workers", type=_workers, default=1, metavar="N",
+                   help="server processes sharing the port, each with its own copy of the models "
+                        "(and its own /metrics counts and limits); one per core uses them all (default: 1)")
     p.set_defaults(handler=cmd_serve)
 
 
@@ -177,7 +187,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sock = listen(args.host, args.port)
     port = sock.getsockname()[1]
     server = make_server(app, settings)
-    print(f"serving on {url_of(args.host, port)} (API docs at /docs); Ctrl-C stops", flush=True)
+    children = [_fork_worker(sock, settings) for _ in range(args.workers - 1)]
+    print(f"serving on {url_of(args.host, port)} (API docs at /docs)"
+          + (f", {args.workers} processes" if children else "") + "; Ctrl-C stops", flush=True)
     # uvicorn shuts down cleanly on SIGINT and SIGTERM, then re-raises the signal it caught;
     # both end here as KeyboardInterrupt, so a service manager's stop is exit status 0 too.
     previous = signal.signal(signal.SIGTERM, _interrupt)
@@ -187,6 +199,44 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
+        _stop_workers(children)
         sock.close()
     print("stopped", flush=True)
     return 0
+
+
+def _fork_worker(sock: socket.socket, settings: ServeSettings) -> int:
+    """Another process serving the same listening socket (the kernel hands each connection to
+    one of them). It loads its own models after the fork: a runtime's threads (ONNX Runtime's
+    pool) do not survive a fork. It ends on SIGINT or SIGTERM, as the first process does."""
+    pid = os.fork()
+    if pid:
+        return pid
+    status = 0
+    try:
+        from mnist_cnn.serve.app import create_app, load_models
+        from mnist_cnn.serve.protocol import make_server
+
+        signal.signal(signal.SIGTERM, _interrupt)
+        app = create_app(settings, models=load_models(settings))
+        make_server(app, settings).run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    except BaseException as error:  # noqa: BLE001 - one line, then this process ends
+        print(f"mnist-cnn serve: worker {os.getpid()}: {type(error).__name__}: {error}", flush=True)
+        status = 1
+    finally:
+        os._exit(status)  # never return into the parent's code (or run its atexit handlers)
+
+
+def _stop_workers(children: list[int]) -> None:
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for pid in children:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
