@@ -238,3 +238,35 @@ def mnist_model(tmp_path_factory) -> Path:
             train(resolve_train_config("fast", MNIST_MODEL_RECIPE), run_dir=run, progress=False,
                   log=lambda m: None)
     return run
+
+
+# ---- comparing runs, and a Ghostscript that tells whether it ran
+
+
+def weights(run: Path) -> dict:
+    """A run folder's final weights (model.safetensors), by name."""
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "model.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    """Two run folders ended with the same weights, bit for bit."""
+    import torch
+
+    first, second = weights(a), weights(b)
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+@pytest.fixture
+def fake_ghostscript(tmp_path, monkeypatch) -> Path:
+    """A `gs` first on PATH that records every run in a file (Pillow's EPS reader runs `gs`)."""
+    folder, record = tmp_path / "bin", tmp_path / "gs-ran"
+    folder.mkdir()
+    (folder / "gs").write_text(f"#!/bin/sh\necho \"$@\" >> {record}\nexit 1\n")
+    (folder / "gs").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr("PIL.EpsImagePlugin.gs_binary", None, raising=False)  # look it up again
+    return record

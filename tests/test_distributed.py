@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from conftest import MNIST_MODEL_RECIPE, assert_one_line_error, cli, run_cli
+from conftest import MNIST_MODEL_RECIPE, assert_one_line_error, assert_same_weights, cli, run_cli
 from mnist_cnn.distributed import World, loopback_interface
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux" or loopback_interface() is None,
@@ -88,16 +87,6 @@ def finish(processes: list[subprocess.Popen]) -> list[tuple[str, str]]:
     assert [process.returncode for process in processes] == [0] * len(processes), outputs
     return outputs
 
-
-def weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "model.safetensors"))
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    first, second = weights(a), weights(b)
-    assert first.keys() == second.keys()
-    for name in first:
-        assert torch.equal(first[name], second[name]), name
 
 
 def last_record(run: Path) -> dict:

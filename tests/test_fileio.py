@@ -317,17 +317,6 @@ showpage
 """
 
 
-@pytest.fixture
-def fake_ghostscript(tmp_path, monkeypatch) -> Path:
-    """A `gs` first on PATH that records every run in a file (Pillow's EPS reader runs `gs`)."""
-    folder, record = tmp_path / "bin", tmp_path / "gs-ran"
-    folder.mkdir()
-    (folder / "gs").write_text(f"#!/bin/sh\necho \"$@\" >> {record}\nexit 1\n")
-    (folder / "gs").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setattr("PIL.EpsImagePlugin.gs_binary", None, raising=False)  # look it up again
-    return record
-
 
 def test_an_eps_file_never_runs_ghostscript(fake_ghostscript, tmp_path, shipped_model):
     from conftest import cli

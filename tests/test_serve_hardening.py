@@ -18,7 +18,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,15 +128,6 @@ def peak_rss_growth():
 
 
 # ---------------------------------------------------------------- image reading
-@pytest.fixture
-def fake_ghostscript(tmp_path, monkeypatch) -> Path:
-    folder, record = tmp_path / "bin", tmp_path / "gs-ran"
-    folder.mkdir()
-    (folder / "gs").write_text(f"#!/bin/sh\necho \"$@\" >> {record}\nexit 1\n")
-    (folder / "gs").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setattr("PIL.EpsImagePlugin.gs_binary", None, raising=False)
-    return record
 
 
 def test_an_eps_upload_never_runs_ghostscript(models, fake_ghostscript):

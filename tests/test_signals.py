@@ -24,9 +24,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import cli, require_module, write_dataset
+from conftest import assert_same_weights, cli, require_module, write_dataset
 
 STEPS = 10  # optimizer steps per epoch: 640 images in batches of 64
 SIGNAL_EPOCH, SIGNAL_STEP = 1, 3  # 0-based: during the 4th step of the 2nd epoch
@@ -50,16 +49,6 @@ def recipe(data: Path) -> list[str]:
 
 RESUME = ["--no-progress", "--no-report"]
 
-
-def weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "model.safetensors"))
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    first, second = weights(a), weights(b)
-    assert first.keys() == second.keys()
-    for name in first:
-        assert torch.equal(first[name], second[name]), name
 
 
 def metrics(run: Path) -> list[dict]:
