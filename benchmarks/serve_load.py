@@ -56,10 +56,11 @@ def page_png(digit: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def start_server(model: Path, backend: str, workers: int | None = None) -> tuple[subprocess.Popen, str, int]:
+def start_server(model: Path, backend: str, workers: int | None = None,
+                 extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str, int]:
     process = subprocess.Popen(
         [sys.executable, "-m", "mnist_cnn", "serve", "--model", str(model), "--port", "0",
-         "--backend", backend, "--device", "cpu", *(["--workers", str(workers)] if workers else [])],
+         "--backend", backend, "--device", "cpu", *(["--workers", str(workers)] if workers else []), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in process.stdout:
         match = re.search(r"serving on http://([\d.]+):(\d+)/", line)
@@ -81,23 +82,35 @@ async def open_loop(host: str, port: int, bodies: list[bytes], labels: list[int]
     outcome: list = [None] * count  # True correct, False wrong label, or an error string
     lag = np.zeros(count)  # how late the generator sent each request
     idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-    opened = 0
+    opened = retried = 0
 
     async def send(index: int, due: float) -> None:
-        nonlocal opened
+        nonlocal opened, retried
         lag[index] = clock() - due
         body = bodies[index % len(bodies)]
+        request = (b"POST " + PATH + b" HTTP/1.1\r\nHost: %s\r\nContent-Type: image/png\r\n"
+                   b"Content-Length: %d\r\n\r\n" % (host.encode(), len(body)) + body)
         connection = None
         try:
-            if idle:
+            head = None
+            if idle:  # a kept-alive connection; the server may have closed it as idle meanwhile
                 connection = idle.pop()
-            else:
+                reader, writer = connection
+                try:
+                    writer.write(request)
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+                except (OSError, asyncio.IncompleteReadError):
+                    # closed before any answer: send it again on a new connection, as HTTP
+                    # clients (urllib3, browsers) do for a stale keep-alive connection
+                    writer.close()
+                    connection = None
+                    retried += 1
+            if head is None:
                 connection = await asyncio.open_connection(host, port)
                 opened += 1
-            reader, writer = connection
-            writer.write(b"POST " + PATH + b" HTTP/1.1\r\nHost: %s\r\nContent-Type: image/png\r\n"
-                         b"Content-Length: %d\r\n\r\n" % (host.encode(), len(body)) + body)
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+                reader, writer = connection
+                writer.write(request)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
             status = int(head.split(b" ", 2)[1])
             length = int(re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head).group(1))
             payload = await asyncio.wait_for(reader.readexactly(length), 30)
@@ -135,7 +148,7 @@ async def open_loop(host: str, port: int, bodies: list[bytes], labels: list[int]
         "p99_ms": float(np.percentile(milliseconds, 99)), "max_ms": float(milliseconds.max()),
         "errors": len(errors), "error_kinds": sorted(set(map(str, errors))),
         "accuracy": sum(o is True for o in outcome) / max(1, count - len(errors)),
-        "connections": opened, "generator_lag_p99_ms": float(np.percentile(lag * 1e3, 99)),
+        "connections": opened, "stale_connection_retries": retried, "generator_lag_p99_ms": float(np.percentile(lag * 1e3, 99)),
     }
 
 

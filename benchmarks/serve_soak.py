@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=int, default=10, help="(default: 10)")
     parser.add_argument("--backend", default="onnxruntime", help="(default: onnxruntime)")
     parser.add_argument("--workers", type=int, default=2, help="serve --workers N (default: 2)")
+    parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                        help="one more argument for `mnist-cnn serve` (repeatable), e.g. --serve-arg=--max-queue=64")
     parser.add_argument("--output", help="results file stem (default: benchmarks/results/<date>-serve-soak)")
     args = parser.parse_args(argv)
 
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             from mnist_cnn.export import export_model
 
             export_model(model, format="onnx")
-        process, host, port = start_server(model, args.backend, args.workers)
+        process, host, port = start_server(model, args.backend, args.workers, tuple(args.serve_arg))
         try:
             run_open_loop(host, port, bodies, truth, rate=50, seconds=2)  # warm-up
             start_rss = tree_rss_mb(process.pid)
@@ -87,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
                              f"{result['p99_ms']:.1f}", f"{result['max_ms']:.0f}", str(result["errors"]),
                              f"{result['rss_mb']:.0f}"])
                 print(f"minute {minute}: p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, "
-                      f"{result['errors']} errors, server RSS {result['rss_mb']:.0f} MB", flush=True)
+                      f"{result['errors']} errors {result['error_kinds']}, "
+                      f"{result['stale_connection_retries']} stale connections retried, "
+                      f"server RSS {result['rss_mb']:.0f} MB", flush=True)
         finally:
             process.send_signal(signal.SIGINT)
             process.communicate(timeout=30)
@@ -98,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     errors = sum(m["errors"] for m in minutes)
     markdown = "\n".join([
         f"# mnist-cnn serve, soak, {date}", "",
-        f"Machine: {machine}. Server: `mnist-cnn serve --backend {args.backend} --workers {args.workers}`, "
+        f"Machine: {machine}. Server: `mnist-cnn serve --backend {args.backend} --workers {args.workers}"
+        f"{''.join(' ' + a for a in args.serve_arg)}`, "
         f"the shipped model. Open loop at {args.rate:g} requests/s of what the page sends "
         f"(POST /api/predict?preprocessed=1, a drawn digit as a PNG) for {args.minutes} minutes.", "",
         table(["minute", "answered /s", "p50 ms", "p99 ms", "max ms", "errors", "server RSS MB"], rows), "",
