@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import io
 import json
 import math
@@ -162,6 +163,11 @@ async def open_loop(host: str, port: int, bodies: list[bytes], labels: list[int]
 
 
 def run_open_loop(*args, **kwargs) -> dict:
+    # This process holds torch and the test set (~10^5 objects): a full garbage collection over
+    # them paused the generator for ~160 ms (lag p99 161 ms, then a burst of late requests and
+    # 503s at 500/s), which is the generator's doing, not the server's. Frozen, as serve does.
+    gc.collect()
+    gc.freeze()
     try:
         import uvloop  # the server's own event loop (uvicorn[standard]): a cheaper client too
 
