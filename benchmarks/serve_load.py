@@ -10,10 +10,10 @@ Open loop: request i is due at start + i / rate whether or not earlier answers h
 and its latency is counted from that scheduled time, so a slow answer cannot hide the requests
 queued behind it (a closed loop of N clients measures saturation instead). The load generator
 is one asyncio process on the same machine, sharing its CPUs with the server; each request
-goes out on an idle keep-alive connection, or a new one when all are busy. Also printed: the
-server's CPU time per request at each rate, and where a request's CPU time goes (decode,
-preprocess, forward, preview, JSON; timed in this process on the same images). Writes a
-Markdown table and the JSON, with the machine and the date, to
+goes out on an idle keep-alive connection (idle for at most 4 s), or a new one when all are
+busy. Also printed: the server's CPU time per request at each rate, and where a request's CPU
+time goes (decode, preprocess, forward, preview, JSON; timed in this process on the same
+images). Writes a Markdown table and the JSON, with the machine and the date, to
 benchmarks/results/<date>-serve-open-loop.md (and .json).
 """
 
@@ -92,6 +92,10 @@ def start_server(model: Path, backend: str, workers: int | None = None) -> tuple
 
 
 PATH = b"/api/predict?preprocessed=1"
+# Idle keep-alive connections are reused for at most this long, below serve's keep-alive
+# timeout (5 s): one the server is closing would fail the request sent on it, which browsers
+# and HTTP libraries avoid by expiring (or retrying) such connections.
+IDLE_SECONDS = 4.0
 
 
 async def open_loop(host: str, port: int, bodies: list[bytes], labels: list[int], *, rate: float,
@@ -103,7 +107,7 @@ async def open_loop(host: str, port: int, bodies: list[bytes], labels: list[int]
     latencies = np.zeros(count)
     outcome: list = [None] * count  # True correct, False wrong label, or an error string
     lag = np.zeros(count)  # how late the generator sent each request
-    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []  # and when it went idle
     opened = 0
 
     async def send(index: int, due: float) -> None:
@@ -112,8 +116,10 @@ async def open_loop(host: str, port: int, bodies: list[bytes], labels: list[int]
         body = bodies[index % len(bodies)]
         connection = None
         try:
+            while idle and clock() - idle[-1][2] > IDLE_SECONDS:
+                idle.pop()[1].close()  # the server may be closing it: a new one, as clients do
             if idle:
-                connection = idle.pop()
+                connection = idle.pop()[:2]
             else:
                 connection = await asyncio.open_connection(host, port)
                 opened += 1
@@ -130,7 +136,7 @@ async def open_loop(host: str, port: int, bodies: list[bytes], labels: list[int]
             if re.search(rb"(?i)\r\nconnection:\s*close", head):
                 writer.close()
             else:
-                idle.append(connection)
+                idle.append((*connection, clock()))
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError,
                 ValueError, AttributeError, KeyError) as error:
             latencies[index] = clock() - due
@@ -148,7 +154,7 @@ async def open_loop(host: str, port: int, bodies: list[bytes], labels: list[int]
         tasks.append(asyncio.ensure_future(send(index, due)))
     await asyncio.gather(*tasks)
     wall = clock() - start
-    for _, writer in idle:
+    for _, writer, _ in idle:
         writer.close()
     errors = [o for o in outcome if not isinstance(o, bool)]
     milliseconds = latencies * 1e3
