@@ -1,17 +1,19 @@
 """Open-loop load benchmark of `mnist-cnn serve`: what the page sends (one drawn digit as a
-PNG of a few KB, POST /api/predict?preprocessed=1), at fixed arrival rates.
+PNG of about 100x100 pixels, a raw image/png body to POST /api/predict?preprocessed=1), at
+fixed arrival rates.
 
     .venv/bin/python benchmarks/serve_load.py [--rates 200,300,400,500,600] [--seconds 5]
                                               [--backends onnxruntime,torch] [--workers N]
+                                              [--whole-page]
 
 Open loop: request i is due at start + i / rate whether or not earlier answers have arrived,
 and its latency is counted from that scheduled time, so a slow answer cannot hide the requests
 queued behind it (a closed loop of N clients measures saturation instead). The load generator
 is one asyncio process on the same machine, sharing its CPUs with the server; each request
-goes out on an idle keep-alive connection, or a new one when all are busy. Also printed: the
-server's CPU time per request at each rate, and where a request's CPU time goes (decode,
-preprocess, forward, preview, JSON; timed in this process on the same images). Writes a
-Markdown table and the JSON, with the machine and the date, to
+goes out on an idle keep-alive connection (idle for at most 4 s), or a new one when all are
+busy. Also printed: the server's CPU time per request at each rate, and where a request's CPU
+time goes (decode, preprocess, forward, preview, JSON; timed in this process on the same
+images). Writes a Markdown table and the JSON, with the machine and the date, to
 benchmarks/results/<date>-serve-open-loop.md (and .json).
 """
 
@@ -19,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import io
 import json
+import math
 import os
 import platform
 import re
@@ -34,7 +38,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tables import table  # noqa: E402
@@ -46,11 +50,30 @@ BACKENDS = ("torch", "onnxruntime")
 DISTINCT_IMAGES = 200
 
 
-def page_png(digit: np.ndarray) -> bytes:
-    """A digit as the page sends it: black ink on a 280x280 white page, drawn about 200 px tall."""
+EXPORT_SIZE = 280  # app.js: the drawing's page, in pixels
+SEND_SIZE, SEND_MARGIN = 100, 4  # app.js: a digit is sent at most SEND_SIZE a side, margins included
+
+
+def page_png(digit: np.ndarray, *, whole_page: bool = False) -> bytes:
+    """A digit as the page sends it (app.js, `digitPage`), drawn about 200 px tall on the
+    280x280 page: the ink's box cropped, scaled so its longer side fits SEND_SIZE less the
+    margins (never up), with SEND_MARGIN white pixels around it; an RGBA PNG (canvas.toBlob's),
+    about 100x100. The page draws its strokes again at that scale, and the canvas' antialiasing
+    averages each pixel's coverage, so here the 280-px drawing is area-averaged (BOX) over
+    exactly the region the page's transform maps onto the small canvas. The ink's box is every
+    pixel that is not white (the page's: the strokes plus half the brush). `whole_page`: the
+    whole 280x280 page, as the page sent it until 2026-12-01."""
     ink = Image.fromarray(255 - digit).resize((200, 200), Image.Resampling.BILINEAR)
-    page = Image.new("L", (280, 280), 255)
+    page = Image.new("L", (EXPORT_SIZE, EXPORT_SIZE), 255)
     page.paste(ink, (40, 40))
+    if not whole_page:
+        x0, y0, x1, y1 = ImageOps.invert(page).getbbox()
+        scale = min(1.0, (SEND_SIZE - 2 * SEND_MARGIN) / max(x1 - x0, y1 - y0))
+        width, height = (min(SEND_SIZE - 2 * SEND_MARGIN, math.ceil(extent * scale)) for extent in (x1 - x0, y1 - y0))
+        small = page.resize((width, height), Image.Resampling.BOX,
+                            box=(x0, y0, x0 + width / scale, y0 + height / scale))
+        page = Image.new("L", (width + 2 * SEND_MARGIN, height + 2 * SEND_MARGIN), 255)
+        page.paste(small, (SEND_MARGIN, SEND_MARGIN))
     buffer = io.BytesIO()
     page.convert("RGBA").save(buffer, format="PNG")  # canvas.toBlob gives RGBA PNGs
     return buffer.getvalue()
@@ -70,6 +93,10 @@ def start_server(model: Path, backend: str, workers: int | None = None,
 
 
 PATH = b"/api/predict?preprocessed=1"
+# Idle keep-alive connections are reused for at most this long, below serve's keep-alive
+# timeout (5 s): one the server is closing would fail the request sent on it, which browsers
+# and HTTP libraries avoid by expiring (or retrying) such connections.
+IDLE_SECONDS = 4.0
 
 
 async def open_loop(host: str, port: int, bodies: list[bytes], labels: list[int], *, rate: float,
@@ -81,7 +108,7 @@ async def open_loop(host: str, port: int, bodies: list[bytes], labels: list[int]
     latencies = np.zeros(count)
     outcome: list = [None] * count  # True correct, False wrong label, or an error string
     lag = np.zeros(count)  # how late the generator sent each request
-    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []  # and when it went idle
     opened = retried = 0
 
     async def send(index: int, due: float) -> None:
@@ -93,8 +120,10 @@ async def open_loop(host: str, port: int, bodies: list[bytes], labels: list[int]
         connection = None
         try:
             head = None
-            if idle:  # a kept-alive connection; the server may have closed it as idle meanwhile
-                connection = idle.pop()
+            while idle and clock() - idle[-1][2] > IDLE_SECONDS:
+                idle.pop()[1].close()  # the server may be closing it: a new one, as clients do
+            if idle:  # a kept-alive connection; the server may still have closed it meanwhile
+                connection = idle.pop()[:2]
                 reader, writer = connection
                 try:
                     writer.write(request)
@@ -120,7 +149,7 @@ async def open_loop(host: str, port: int, bodies: list[bytes], labels: list[int]
             if re.search(rb"(?i)\r\nconnection:\s*close", head):
                 writer.close()
             else:
-                idle.append(connection)
+                idle.append((*connection, clock()))
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError,
                 ValueError, AttributeError, KeyError) as error:
             latencies[index] = clock() - due
@@ -138,7 +167,7 @@ async def open_loop(host: str, port: int, bodies: list[bytes], labels: list[int]
         tasks.append(asyncio.ensure_future(send(index, due)))
     await asyncio.gather(*tasks)
     wall = clock() - start
-    for _, writer in idle:
+    for _, writer, _ in idle:
         writer.close()
     errors = [o for o in outcome if not isinstance(o, bool)]
     milliseconds = latencies * 1e3
@@ -153,6 +182,11 @@ async def open_loop(host: str, port: int, bodies: list[bytes], labels: list[int]
 
 
 def run_open_loop(*args, **kwargs) -> dict:
+    # This process holds torch and the test set (~10^5 objects): a full garbage collection over
+    # them paused the generator for ~160 ms (lag p99 161 ms, then a burst of late requests and
+    # 503s at 500/s), which is the generator's doing, not the server's. Frozen, as serve does.
+    gc.collect()
+    gc.freeze()
     try:
         import uvloop  # the server's own event loop (uvicorn[standard]): a cheaper client too
 
@@ -250,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="seconds at each rate (default: 5)")
     parser.add_argument("--backends", default="onnxruntime,torch", help="(default: onnxruntime,torch)")
     parser.add_argument("--workers", type=int, help="serve --workers N (default: the server's default)")
+    parser.add_argument("--whole-page", action="store_true",
+                        help="send the whole 280x280 page, as the page did until 2026-12-01 (default: off)")
     parser.add_argument("--output", help="results file stem (default: benchmarks/results/<date>-serve-open-loop)")
     args = parser.parse_args(argv)
     rates = [float(r) for r in args.rates.split(",")]
@@ -260,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         args.model = str(model_or_default(None))
     test = load_dataset("mnist", splits=("test",))["test"]
     digits, truth = test.images[:DISTINCT_IMAGES, 0].numpy(), test.labels[:DISTINCT_IMAGES].tolist()
-    bodies = [page_png(d) for d in digits]
+    bodies = [page_png(d, whole_page=args.whole_page) for d in digits]
     size = sum(map(len, bodies)) / len(bodies)
     rows, figures, stage_rows = [], {}, []
     with tempfile.TemporaryDirectory() as workdir:
@@ -308,8 +344,12 @@ def main(argv: list[str] | None = None) -> int:
         f"# mnist-cnn serve, open-loop load, {date}", "",
         f"Machine: {machine}. Server: `mnist-cnn serve`"
         + (f" --workers {args.workers}" if args.workers else "") + ".", "",
-        f"POST /api/predict?preprocessed=1 with what the page sends: a drawn digit as a PNG "
-        f"(black ink on a 280x280 white page, {size / 1024:.1f} KB on average; {DISTINCT_IMAGES} MNIST test "
+        f"POST /api/predict?preprocessed=1 with what the page sends: a drawn digit as a raw image/png body "
+        + ("(the whole 280x280 white page with black ink, as the page sent it until 2026-12-01, "
+           if args.whole_page else
+           f"(the ink's box of a 280x280 page, scaled to fit {SEND_SIZE}x{SEND_SIZE} with margins: app.js, "
+           f"{'x'.join(map(str, Image.open(io.BytesIO(bodies[0])).size))} for the first digit, ")
+        + f"{size / 1024:.1f} KB on average; {DISTINCT_IMAGES} MNIST test "
         f"digits in turn), at fixed arrival rates for {args.seconds:g} s each; latency from each "
         "request's scheduled time.", "",
         table(["backend", "rate /s", "answered /s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors",
@@ -329,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     stem.with_suffix(".json").write_text(json.dumps({"date": date, "machine": machine,
                                                      "model": Path(args.model).resolve().name,
                                                      "workers": args.workers, "body_bytes_mean": size,
+                                                     "whole_page": args.whole_page,
                                                      "results": figures}, indent=2) + "\n")
     print(f"wrote {stem.with_suffix('.md')}")
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import http.client
 import io
+import json
 import math
 import os
 import re
@@ -89,8 +90,6 @@ def test_server_answers_concurrent_requests(server, digits):
 
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(one, range(64)))
-    import json
-
     assert all(status == 200 for status, _ in answers)
     got = [json.loads(body) for _, body in answers]
     expected = [json.loads(request(url + "api/predict", "POST", user_png(images[i % 8]),
@@ -175,7 +174,23 @@ class Page:
         self.page = self.context.new_page()
         self.requests: list[str] = []
         self.page.on("request", lambda r: self.requests.append(r.url))
+        # The bodies the page POSTs, kept in the page (Chromium does not hand a Blob body to
+        # Playwright's request events); an init script is not subject to the page's CSP.
+        self.page.add_init_script("""window.posted = []; const fetched = window.fetch;
+            window.fetch = (url, options) => { if (options && options.method === "POST")
+                window.posted.push({ url: String(url), body: options.body }); return fetched(url, options); };""")
         self.url = url
+
+    def posted(self, route: str) -> tuple[str, bytes | None]:
+        """The last POST to `route`: (its body's type, its bytes), or ("FormData", None)."""
+        kind, data = self.page.evaluate("""async (route) => {
+            const body = window.posted.filter((p) => p.url.includes(route)).pop().body;
+            if (!(body instanceof Blob)) return [body.constructor.name, null];
+            const bytes = new Uint8Array(await body.arrayBuffer());
+            let text = "";
+            for (const b of bytes) text += String.fromCharCode(b);
+            return [body.type, btoa(text)]; }""", route)
+        return kind, None if data is None else base64.b64decode(data)
 
     def open(self, path: str = ""):
         self.page.goto(self.url + path)
@@ -238,6 +253,15 @@ def test_draw_digits_and_read_them(page):
         source = page.page.locator("#preview").get_attribute("src")
         seen = Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1])))
         assert seen.size == (28, 28) and np.asarray(seen).max() > 200  # the 28x28 input, white ink
+        # What the page sent: a small PNG (the ink's box, at most 100 px a side) as a raw
+        # image/png body; and the same drawing as the whole canvas on screen reads the same.
+        kind, body = page.posted("api/predict")
+        sent = Image.open(io.BytesIO(body))
+        assert kind == "image/png" and sent.format == "PNG" and max(sent.size) <= 100, (kind, sent.size)
+        whole = page.page.locator("#canvas").evaluate("c => c.toDataURL('image/png')")
+        status, answer = request(page.url + "api/predict", "POST", base64.b64decode(whole.split(",", 1)[1]),
+                                 {"content-type": "image/png"})
+        assert status == 200 and json.loads(answer)["label"] == int(digit), (sent.size, answer[:200])
         if digit == "7" and os.environ.get("MNIST_CNN_SCREENSHOT"):
             page.page.screenshot(path=os.environ["MNIST_CNN_SCREENSHOT"], full_page=True)
         page.page.get_by_role("button", name="Clear").click()
@@ -278,6 +302,8 @@ def test_number_mode_reads_a_written_number(page):
         page.draw(*number_strokes(text))
         page.page.locator("#number-answer").wait_for(state="visible", timeout=15_000)
         assert page.page.locator("#number").inner_text() == text, f"wrote {text}"
+        kind, body = page.posted("api/read")  # the whole drawing: the boxes are in its pixels
+        assert kind == "image/png" and Image.open(io.BytesIO(body)).size == (560, 280)
         items = page.page.locator("#digits li")
         assert items.count() == len(text)
         for i, char in enumerate(text):
@@ -315,6 +341,7 @@ def test_upload_a_file(page, digits, tmp_path):
     page.settle()
     assert page.shown() == str(int(labels[0]))
     assert "scan.png" in page.page.locator("#source").inner_text()
+    assert page.posted("api/predict") == ("FormData", None)  # a file goes as it is, with its name
     blank = tmp_path / "blank.png"
     Image.new("L", (100, 100), 255).save(blank)
     page.page.set_input_files("#upload", str(blank))

@@ -1,12 +1,17 @@
 // The drawing page of `mnist-cnn serve`. The server does all the image work: the drawing is
 // sent as a PNG to /api/predict, which runs it through MNIST's normalisation (the same as
 // `mnist-cnn predict`) and returns the 28x28 image the model saw, shown under the bars.
-// In "number" mode the canvas is twice as wide and the drawing goes to /api/read, which
+// A digit is sent small: cropped to its ink and drawn again from the strokes at most
+// SEND_SIZE pixels on a side (MNIST fits a digit into 20x20, so ~4.6x that is plenty): at
+// least ~8x fewer pixels for the server to decode than the whole 280x280 page.
+// In "number" mode the canvas is twice as wide and the whole drawing goes to /api/read, which
 // reads every digit left to right (`mnist-cnn predict --number`): the page draws a box
-// around each digit it read and shows each one's 28x28 image.
+// around each digit it read (in the sent image's pixels) and shows each one's 28x28 image.
 "use strict";
 (() => {
-  const EXPORT_SIZE = 280; // the PNG sent: black ink on a 280-pixel-high white page; brush widths are in its pixels
+  const EXPORT_SIZE = 280; // the drawing's page: black ink on a 280-pixel-high white page; brush widths are in its pixels
+  const SEND_SIZE = 100; // digit mode: the PNG sent is at most this many pixels wide and high, margins included
+  const SEND_MARGIN = 4; // digit mode: white pixels around the ink's box (the server reads the border as background)
   const ASPECT = { digit: 1, number: 2 }; // the canvas' width / height in each mode
   const LIVE_MS = 150; // at most one live prediction per this many ms while drawing
   const PROMPTS = {
@@ -187,12 +192,50 @@
     if (state.upload) return send(state.upload, state.upload.name || "pasted image");
     if (!state.strokes.length) return showPrompt(PROMPTS[state.mode]); // a blank canvas is never a prediction
     result.dataset.pending = "true";
+    const page = state.mode === "digit" ? digitPage() : wholePage();
+    page.toBlob((blob) => { if (blob) send(blob, null, { width: page.width, height: page.height }); }, "image/png");
+  }
+
+  // The whole drawing, EXPORT_SIZE pixels high (number mode: the boxes come back in its pixels).
+  function wholePage() {
     const page = document.createElement("canvas");
     page.height = EXPORT_SIZE;
     page.width = EXPORT_SIZE * ASPECT[state.mode];
+    render(page.getContext("2d"), page.width, page.height, false);
+    return page;
+  }
+
+  // A digit as the server needs it: the ink's box on the EXPORT_SIZE page (strokes plus half
+  // the brush, clipped to the page), scaled down so its longer side fits SEND_SIZE less the
+  // margins (never up), with SEND_MARGIN white pixels around it. Drawn again from the strokes
+  // rather than resampled from the page: the canvas' antialiasing averages each pixel's
+  // coverage, as an area downscale would.
+  function digitPage() {
+    let x0 = EXPORT_SIZE, y0 = EXPORT_SIZE, x1 = 0, y1 = 0;
+    for (const stroke of state.strokes) {
+      const r = stroke.width / 2;
+      for (const [x, y] of stroke.points) {
+        x0 = Math.min(x0, x * EXPORT_SIZE - r);
+        y0 = Math.min(y0, y * EXPORT_SIZE - r);
+        x1 = Math.max(x1, x * EXPORT_SIZE + r);
+        y1 = Math.max(y1, y * EXPORT_SIZE + r);
+      }
+    }
+    [x0, y0, x1, y1] = [Math.max(0, x0), Math.max(0, y0), Math.min(EXPORT_SIZE, x1), Math.min(EXPORT_SIZE, y1)];
+    const scale = Math.min(1, (SEND_SIZE - 2 * SEND_MARGIN) / Math.max(x1 - x0, y1 - y0));
+    const side = (extent) => Math.min(SEND_SIZE, Math.ceil(extent * scale) + 2 * SEND_MARGIN);
+    const page = document.createElement("canvas");
+    page.width = side(x1 - x0);
+    page.height = side(y1 - y0);
     const ctx = page.getContext("2d");
-    render(ctx, page.width, page.height, false);
-    page.toBlob((blob) => { if (blob) send(blob, null, { width: page.width, height: page.height }); }, "image/png");
+    ctx.fillStyle = "#fff";
+    ctx.fillRect(0, 0, page.width, page.height);
+    ctx.setTransform(scale, 0, 0, scale, SEND_MARGIN - x0 * scale, SEND_MARGIN - y0 * scale);
+    ctx.beginPath();
+    ctx.rect(0, 0, EXPORT_SIZE, EXPORT_SIZE); // ink past the page's edge is cut, as on the page
+    ctx.clip();
+    render(ctx, EXPORT_SIZE, EXPORT_SIZE, false);
+    return page;
   }
 
   async function send(blob, name, size) {
@@ -201,14 +244,19 @@
     if (state.controller) state.controller.abort();
     state.controller = new AbortController();
     result.dataset.pending = "true";
-    const form = new FormData();
-    form.append("file", blob, name || "drawing.png");
+    // A drawing goes as a raw image/png body (the blob's type; nothing for the server to
+    // parse around it), a file as the multipart field `file`, with its name, whatever its type.
+    let payload = blob;
+    if (name) {
+      payload = new FormData();
+      payload.append("file", blob, name);
+    }
     const query = new URLSearchParams({ preprocessed: "1" });
     if (state.model) query.set("model", state.model);
     let reply, body;
     try {
       const route = mode === "number" ? "api/read" : "api/predict";
-      reply = await fetch(`${route}?${query}`, { method: "POST", body: form, signal: state.controller.signal });
+      reply = await fetch(`${route}?${query}`, { method: "POST", body: payload, signal: state.controller.signal });
       body = await reply.json();
     } catch (error) {
       if (id !== state.request) return; // superseded by a newer request
