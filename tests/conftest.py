@@ -270,3 +270,19 @@ def fake_ghostscript(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setattr("PIL.EpsImagePlugin.gs_binary", None, raising=False)  # look it up again
     return record
+
+
+def uid_mapped(uid: int) -> bool:
+    """Whether this process's user namespace maps `uid` (a root that can become another user).
+    Under an unprivileged user namespace (`unshare -r`, as ../shared/tools/offline runs the
+    tests) only root is mapped: nobody and postgres do not exist there, so a test that needs to
+    switch to them cannot run, in CI or not (the environment, not a missing piece)."""
+    try:
+        lines = Path("/proc/self/uid_map").read_text().split("\n")
+    except OSError:
+        return True  # not Linux: no user namespaces to worry about
+    for line in filter(None, (line.split() for line in lines)):
+        inside, _, count = map(int, line)
+        if inside <= uid < inside + count:
+            return True
+    return False
