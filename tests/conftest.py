@@ -286,3 +286,18 @@ def uid_mapped(uid: int) -> bool:
         if inside <= uid < inside + count:
             return True
     return False
+
+
+def poison_loss(monkeypatch, call: int) -> None:
+    """Training's `call`-th loss (counting from 1) becomes NaN; the others are computed as usual."""
+    from mnist_cnn import train as training
+
+    calls = {"n": 0}
+    real_loss = training.batch_loss
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == call else loss
+
+    monkeypatch.setattr(training, "batch_loss", poisoned)

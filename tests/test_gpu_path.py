@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from conftest import assert_same_weights, poison_loss
 from mnist_cnn import train as training
 from mnist_cnn.config import PRESETS, TrainConfig, resolve_train_config
 from mnist_cnn.train import TrainingDiverged, train
@@ -45,22 +45,12 @@ def test_deferred_checks_read_the_loss_rarely_and_train_the_same(tmp_path, small
     deferred = counting_checks(monkeypatch, 5)
     train(small_config(), run_dir=tmp_path / "gpu", data_dir=str(small_data), progress=False, log=lambda m: None)
     assert deferred == [5, 10, 15, 20, 24] * 2  # after these steps, and at each epoch's end
-    a, b = load_file(str(tmp_path / "cpu" / "model.safetensors")), load_file(str(tmp_path / "gpu" / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    assert_same_weights(tmp_path / "cpu", tmp_path / "gpu")
 
 
 def test_a_deferred_check_still_keeps_nan_out_of_the_checkpoint(tmp_path, small_data, monkeypatch):
     counting_checks(monkeypatch, 5)
-    calls = {"n": 0}
-    real_loss = training.batch_loss
-    steps = -(-3000 // 128)
-
-    def poisoned(*args, **kwargs):  # the 3rd step of epoch 2 goes wrong
-        calls["n"] += 1
-        loss = real_loss(*args, **kwargs)
-        return loss * float("nan") if calls["n"] == steps + 3 else loss
-
-    monkeypatch.setattr(training, "batch_loss", poisoned)
+    poison_loss(monkeypatch, -(-3000 // 128) + 3)  # the 3rd step of epoch 2 goes wrong
     run = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match=r"the loss became nan by epoch 2, step 5 \(checked every 5 "
                                                r"steps\); the last checkpoint"):

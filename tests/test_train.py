@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_one_line_error, cli
+from conftest import assert_one_line_error, cli, poison_loss
 from mnist_cnn.config import PRESETS, TrainConfig, resolve_train_config
 from mnist_cnn.train import learning_rate, random_shift, train
 
@@ -260,16 +260,7 @@ def test_a_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_checkpoint(tmp_
     from mnist_cnn import train as training
     from mnist_cnn.train import TrainingDiverged
 
-    calls = {"n": 0}
-    real_loss = training.batch_loss
-    steps = -(-3000 // 128)
-
-    def poisoned(*args, **kwargs):  # the 3rd step of epoch 2 goes wrong
-        calls["n"] += 1
-        loss = real_loss(*args, **kwargs)
-        return loss * float("nan") if calls["n"] == steps + 3 else loss
-
-    monkeypatch.setattr(training, "batch_loss", poisoned)
+    poison_loss(monkeypatch, -(-3000 // 128) + 3)  # the 3rd step of epoch 2 goes wrong
     run = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match="the loss became nan at epoch 2, step 3; the last checkpoint"):
         train(small_config(epochs=3), run_dir=run, data_dir=str(small_data), progress=False, log=lambda m: None)
@@ -277,7 +268,7 @@ def test_a_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_checkpoint(tmp_
     assert state["epoch"] == 1 and state["step"] == 0  # the good state after epoch 1
     assert all(torch.isfinite(value).all() for value in state["model"].values())
     assert not (run / "model.safetensors").exists()
-    monkeypatch.setattr(training, "batch_loss", real_loss)
+    monkeypatch.undo()  # the loss computed as usual again
     resumed = training.resume(run, progress=False, log=lambda m: None)
     assert resumed.completed and [r["epoch"] for r in resumed.metrics] == [1, 2, 3]
 
