@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -32,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import kernels as kernel_bench  # noqa: E402
 from run import machine, section_epoch  # noqa: E402
-from tables import table  # noqa: E402
+from tables import table, write_report  # noqa: E402
 
 from mnist_cnn import kernels  # noqa: E402
 from mnist_cnn.data import load_dataset, train_batches  # noqa: E402
@@ -169,10 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"Took {time.perf_counter() - started:.0f} s.")
     output = Path(args.output) if args.output else (
         Path(__file__).parent / "results" / f"{today}-round3-{vendor}.md")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text("\n\n".join(parts) + "\n")
-    output.with_suffix(".json").write_text(json.dumps(figures, indent=2, default=float) + "\n")
-    print(f"\nwritten: {output}")
+    write_report(output, parts, figures)
     return 0
 
 

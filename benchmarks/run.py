@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -27,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kernels as kernel_bench  # noqa: E402
 import seed_pipeline  # noqa: E402
 from inference import section_inference  # noqa: E402
-from tables import table  # noqa: E402
+from tables import table, write_report  # noqa: E402
 
 from mnist_cnn import MnistCnnError  # noqa: E402
 from mnist_cnn.config import TrainConfig, resolve_train_config  # noqa: E402
@@ -299,10 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             parts.append(text)
     output = Path(args.output) if args.output else (
         Path(__file__).parent / "results" / f"{today}-{device.type}.md")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text("\n\n".join(parts) + "\n")
-    output.with_suffix(".json").write_text(json.dumps(figures, indent=2, default=float) + "\n")
-    print(f"\nwritten: {output}")
+    write_report(output, parts, figures)
     return 0
 
 
