@@ -7,11 +7,13 @@ The ink is found as for one digit (`normalise_ink`, `INK_THRESHOLD`), then:
 2. specks (tiny next to the largest mark) are dropped;
 3. strokes of one digit that do not touch (the bar of a 5, the top of a 7) are joined back:
    a mark much shorter than a digit is never a digit of its own, it joins its neighbour;
-4. a group wider than half a digit's height may hold several touching digits: candidate
+4. a group wider than half a digit's height, or narrower but not read as one digit with
+   confidence (two touching 1s), may hold several touching digits: candidate
    cuts start where the ink is thinnest and follow the path crossing the least ink, and of
    all the ways to cut the group into pieces of a digit's size the one that scores best
    wins: each piece scores as the class it most likely is (its log-probability plus how
-   usual its width is for that class), minus a cost per piece.
+   usual its width is for that class), minus a cost per piece; no piece may be read less
+   surely than the uncut group (up to MIN_CUT_CONFIDENCE).
 
 Images with more than WORK_MAX_PIXELS pixels are scaled down first, and cuts are searched
 at most SEARCH_HEIGHT pixels high (time and memory stay bounded); boxes are given in the
@@ -36,6 +38,7 @@ SPECK_AREA = 0.02  # a mark with fewer pixels than this fraction of the largest 
 SPECK_SIZE = 0.12  # ... or one whose longer side is below this fraction of the digits' height
 STROKE_HEIGHT = 0.55  # a mark shorter than this fraction of a digit's height is part of one
 SPLIT_ASPECT = 0.5  # a group wider than this times a digit's height may hold several digits
+WHOLE_SURE = 0.9  # ... and a narrower one too, unless the classifier is less sure than this of it
 MIN_PIECE_ASPECT = 0.15  # a piece's width, as a fraction of a digit's height: a narrow 1
 MAX_PIECE_ASPECT = 1.6  # ... and at most this
 MIN_PIECE_HEIGHT = 0.5  # a piece's ink is at least this fraction of a digit's height
@@ -45,8 +48,11 @@ MIN_PIECE_HEIGHT = 0.5  # a piece's ink is at least this fraction of a digit's h
 LOG_ASPECT = np.array([-0.105, -0.916, -0.051, -0.223, -0.223, -0.051, -0.357, -0.223, -0.223, -0.357])
 LOG_ASPECT_SPREAD = np.array([0.25, 0.454, 0.25, 0.25, 0.25, 0.252, 0.25, 0.25, 0.25, 0.25])
 NARROW_SPREAD = 0.5  # the spread on the narrow side
-PIECE_COST = 0.5  # nats: what each piece costs, so that a cut must be worth it
-MIN_CUT_CONFIDENCE = 0.7  # the top probability each piece of a cut group must reach
+PIECE_COST = 0.25  # nats: what each piece costs, so that a cut must be worth it
+# Each piece of a cut must be read at least as surely as the uncut group, up to this: a wide
+# 2 whose tail, cut off, is read as nothing in particular (p ~ 0.1) stays whole, while a "17"
+# read as one unsure digit may still be cut into two surer ones.
+MIN_CUT_CONFIDENCE = 0.7
 MAX_CUTS = 24  # candidate cut columns tried per group
 SEARCH_HEIGHT = 128  # pixels: taller groups are searched for cuts at this height
 MAX_DIGITS = 100  # more marks than this is not a number: refused
@@ -277,8 +283,10 @@ def split_group(group: Group, height: float, classify: Classify) -> list[tuple[n
     h, width = group.ink.shape
     height = max(height, h)
     edges = np.zeros(h, np.int64), np.full(h, width, np.int64)
-    if width <= SPLIT_ASPECT * height:
+    if width < 2 * MIN_PIECE_ASPECT * height:
         return [edges]
+    if width <= SPLIT_ASPECT * height and classify(fit_digit(group.ink)[None]).max() >= WHOLE_SURE:
+        return [edges]  # as narrow as one digit and read as one with confidence
     step = math.ceil(h / SEARCH_HEIGHT)
     if step > 1:  # search at SEARCH_HEIGHT pixels high, then scale the cuts back up
         small = Group(0, 0, *(np.asarray(Image.fromarray(a.astype(np.float32), "F").resize(
@@ -309,10 +317,12 @@ def split_group(group: Group, height: float, classify: Classify) -> list[tuple[n
         return [edges]
     probabilities = classify(np.stack(digits))
     scores = piece_scores(probabilities, np.array(aspects)) - PIECE_COST
+    # a fixed minimum (0.7 before 2026-12-01) kept unsure wholes, a "17" read as one digit,
+    # over their surer halves: the minimum is now the whole's own confidence, up to 0.7
     whole = (0, len(paths) - 1)
-    # a piece of a cut must itself look like a digit: half of a wide 5 rarely does
-    score = {span: float(s) for span, s, p in zip(spans, scores, probabilities.max(axis=1))
-             if span == whole or p >= MIN_CUT_CONFIDENCE}
+    top = probabilities.max(axis=1)
+    floor = min(MIN_CUT_CONFIDENCE, float(top[spans.index(whole)]) if whole in spans else 0.0)
+    score = {span: float(s) for span, s, p in zip(spans, scores, top) if span == whole or p >= floor}
     # best[j]: the best total score of pieces covering the group from its left edge to path j
     best, back = [0.0] + [-math.inf] * (len(paths) - 1), [-1] * len(paths)
     for j in range(1, len(paths)):
