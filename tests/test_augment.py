@@ -155,3 +155,17 @@ def test_resume_mid_epoch_with_augmentation_and_validation_is_bit_identical(tmp_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     split_records = [json.loads(line) for line in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["val_correct"] for r in split_records] == [r["val_correct"] for r in records]
+
+
+def test_flip_mirrors_each_image_with_the_given_probability():
+    x = torch.rand(400, 1, 28, 28)
+    assert torch.equal(augment(x, flip=1.0), x.flip(-1))
+    assert torch.equal(augment(x, flip=0.0), x)
+    torch.manual_seed(0)
+    out = augment(x, flip=0.5)
+    mirrored = torch.tensor([torch.equal(o, m) for o, m in zip(out, x.flip(-1))])
+    kept = torch.tensor([torch.equal(o, i) for o, i in zip(out, x)])
+    assert torch.all(mirrored ^ kept)  # each image one or the other
+    assert 150 < int(mirrored.sum()) < 250
+    torch.manual_seed(0)
+    assert torch.equal(augment(x, flip=0.5), out)  # drawn from the global RNG: a resume repeats it

@@ -28,6 +28,18 @@ def test_bn_shapes_classes_and_size():
     assert count_parameters(build_model("bn")) == 171_506
 
 
+def test_bn_wide_is_bn_twice_as_wide():
+    model = build_model("bn-wide", num_classes=10).eval()
+    assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+    rows = {row.name: row for row in layer_rows(model)}
+    assert rows["conv1"].output == (48, 24, 24) and rows["pool2"].output == (96, 6, 6)
+    assert rows["conv3"].output == (128, 4, 4) and rows["flatten"].output == (2048,)
+    # conv 24*24*48*25 + 12*12*96*48*9 + 4*4*128*96*9, linear 2048*256 + 256*10
+    assert multiply_adds(model) == 691_200 + 5_971_968 + 1_769_472 + 524_288 + 2_560
+    # weights 1*48*25 + 48*96*9 + 96*128*9 + 2048*256 + 256*10 + 10, batch norms 2*(48+96+128+256)
+    assert count_parameters(model) == 1_200 + 41_472 + 110_592 + 524_288 + 2_570 + 1_056
+
+
 def test_batch_norm_uses_batch_statistics_in_training_and_running_ones_in_eval():
     torch.manual_seed(0)
     model = build_model("bn")
@@ -63,4 +75,4 @@ def test_the_new_presets_are_valid_recipes_for_the_new_model():
     assert best.rotate > 0 and best.scale > 0 and best.shift > 0
     fashion = resolve_train_config("best-fashion", {})
     validate_train_config(fashion)
-    assert fashion.dataset == "fashion-mnist" and fashion.model == "bn"
+    assert fashion.dataset == "fashion-mnist" and fashion.model == "bn-wide" and fashion.flip == 0.5

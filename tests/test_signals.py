@@ -127,6 +127,20 @@ def test_a_signal_during_step_k_saves_step_k_plus_1_and_resume_is_bit_identical(
             assert record[key] == expected[key], key
 
 
+def test_with_ema_the_average_is_checkpointed_and_a_resume_is_bit_identical(tiny_data, tmp_path, monkeypatch):
+    argv = [*recipe(tiny_data), "--ema", "0.9"]
+    reference = tmp_path / "reference"
+    assert cli("train", *argv, "--run-dir", str(reference)).returncode == 0
+    run = tmp_path / "run"
+    signal_during(monkeypatch, [signal.SIGINT], epoch=SIGNAL_EPOCH, step=SIGNAL_STEP)
+    assert cli("train", *argv, "--run-dir", str(run)).returncode == 130
+    assert "average" in torch.load(run / "checkpoint.pt", weights_only=True)
+    monkeypatch.undo()
+    assert cli("train", "--resume", str(run), *RESUME).returncode == 0
+    assert_same_weights(reference, run)
+    assert [r["test_loss"] for r in metrics(run)] == [r["test_loss"] for r in metrics(reference)]
+
+
 def test_a_second_ctrl_c_stops_at_once(tiny_data, tmp_path, monkeypatch):
     run = tmp_path / "run"
     started = signal_during(monkeypatch, [signal.SIGINT, signal.SIGINT], epoch=SIGNAL_EPOCH, step=SIGNAL_STEP)

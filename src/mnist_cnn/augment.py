@@ -61,10 +61,17 @@ def random_affine(x: torch.Tensor, *, rotate: float, scale: float, shift: float)
                                            size=x.shape[-1]))
 
 
-def augment(x: torch.Tensor, *, rotate: float = 0.0, scale: float = 0.0, shift: int = 0) -> torch.Tensor:
+def random_flip(x: torch.Tensor, probability: float) -> torch.Tensor:
+    """Each image mirrored left to right with `probability` (drawn from the global RNG)."""
+    mirrored = torch.rand(x.shape[0], device=x.device) < probability
+    return torch.where(mirrored[:, None, None, None], x.flip(-1), x)
+
+
+def augment(x: torch.Tensor, *, rotate: float = 0.0, scale: float = 0.0, shift: int = 0,
+            flip: float = 0.0) -> torch.Tensor:
     """The training batch's augmentation as a recipe asks for it (x float in [0, 1])."""
     if rotate or scale:
-        return random_affine(x, rotate=rotate, scale=scale, shift=shift)
-    if shift:
-        return random_shift(x, shift)
-    return x
+        x = random_affine(x, rotate=rotate, scale=scale, shift=shift)
+    elif shift:
+        x = random_shift(x, shift)
+    return random_flip(x, flip) if flip else x

@@ -8,6 +8,7 @@ reports to mnist_cnn.report).
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import signal
 import sys
@@ -75,6 +76,12 @@ class Run:
     world: World = field(default_factory=World)  # the processes this run is spread over
     net: nn.Module | None = None  # the model under DistributedDataParallel, for training steps
     outliers: torch.Tensor | None = None  # uint8 (N, 1, 28, 28) non-digits (--outlier-exposure)
+    average: nn.Module | None = None  # --ema: the moving average of the weights, evaluated and saved
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The weights that are evaluated and saved: the moving average with --ema."""
+        return self.average if self.average is not None else self.model
 
     @property
     def total_steps(self) -> int:
@@ -94,6 +101,24 @@ def learning_rate(step: int, total_steps: int, config: TrainConfig) -> float:
         return config.lr * (step + 1) / warmup_steps
     remaining = max(1, total_steps - warmup_steps)
     return config.lr * max(0.0, (total_steps - step) / remaining)
+
+
+def average_decay(decay: float, step: int) -> float:
+    """--ema's decay after optimizer step `step` (1-based): short at first, so that the
+    average soon forgets the random initial weights, then `decay`."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def update_average(average: nn.Module, model: nn.Module, decay: float) -> None:
+    """average ← decay · average + (1 − decay) · model, for the weights and the batch-norm
+    statistics (counters are copied)."""
+    torch._foreach_lerp_(list(average.parameters()), list(model.parameters()), 1 - decay)
+    for mine, theirs in zip(average.buffers(), model.buffers()):
+        if mine.is_floating_point():
+            mine.lerp_(theirs, 1 - decay)
+        else:
+            mine.copy_(theirs)
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -274,7 +299,8 @@ def build_run(config: TrainConfig, *, device: torch.device, data_dir: str | None
                model=model, optimizer=make_optimizer(model, config, device),
                scaler=torch.amp.GradScaler("cuda", enabled=config.precision == "fp16"),
                steps=steps_per_epoch(len(data["train"]), config.batch_size),
-               loss_sum=torch.zeros((), device=device), outliers=outliers)
+               loss_sum=torch.zeros((), device=device), outliers=outliers,
+               average=copy.deepcopy(model) if config.ema else None)
 
 
 def make_outliers(config: TrainConfig, train_size: int, device: torch.device, log: Log) -> torch.Tensor:
@@ -304,6 +330,8 @@ def restore(run: Run, state: dict[str, Any]) -> None:
     """Put a checkpoint's weights, optimizer, scaler, random state and counters into
     `run`."""
     run.model.load_state_dict(state["model"])
+    if run.average is not None:
+        run.average.load_state_dict(state["average"])
     run.optimizer.load_state_dict(state["optimizer"])
     if "scaler" in state:
         run.scaler.load_state_dict(state["scaler"])
@@ -348,6 +376,7 @@ def save_checkpoint(run: Run) -> None:
         "epoch": run.epoch, "step": run.step,
         "train_loss_sum": run.loss_sum.detach().cpu(), "epoch_seconds": run.seconds,
         "metrics": run.metrics, "data_dir": run.data_dir,
+        **({"average": run.average.state_dict()} if run.average is not None else {}),
     }))
 
 
@@ -408,7 +437,7 @@ def train_one_epoch(run: Run, stop: StopRequest, *, progress: bool) -> bool:
             extra = outlier_batch(run, len(y))
             if extra is not None:  # one forward pass over digits and non-digits together
                 x = torch.cat([x, extra])
-            x = augment(x, rotate=config.rotate, scale=config.scale, shift=config.shift)
+            x = augment(x, rotate=config.rotate, scale=config.scale, shift=config.shift, flip=config.flip)
             with autocast_context(config, run.device):
                 logits = net(x)
             logits, outlier_logits = logits[:len(y)], logits[len(y):]
@@ -428,6 +457,8 @@ def train_one_epoch(run: Run, stop: StopRequest, *, progress: bool) -> bool:
             run.scaler.update()
             run.loss_sum = run.loss_sum + summed  # on the device: no extra host sync
             run.step += 1
+            if run.average is not None:
+                update_average(run.average, run.model, average_decay(config.ema, run.epoch * run.steps + run.step))
             bar.update()
             if every > 1 and (run.step % every == 0 or run.step == run.steps):
                 check_finite(run.loss_sum, run, every=every)
@@ -467,10 +498,10 @@ def end_epoch(run: Run, started: float) -> dict[str, Any]:
     train_seconds = time.perf_counter() - started
     num_classes = len(get_spec(run.config.dataset).classes)
     evaluation = run.world.on_main(lambda: evaluate(  # rank 0 evaluates, the others wait
-        run.model, run.data["test"], loss=run.config.loss,
+        run.evaluated, run.data["test"], loss=run.config.loss,
         batch_size=run.config.eval_batch_size, num_classes=num_classes))
     validation = run.world.on_main(lambda: evaluate(
-        run.model, run.data["val"], loss=run.config.loss, batch_size=run.config.eval_batch_size,
+        run.evaluated, run.data["val"], loss=run.config.loss, batch_size=run.config.eval_batch_size,
         num_classes=num_classes)) if "val" in run.data else None
     seconds = time.perf_counter() - started
     record = {
@@ -499,12 +530,12 @@ def save_final_model(run: Run, *, log: Log = print) -> Path:
     """model.safetensors and model.json, with the final test evaluation; with a validation
     split, also the temperature and "unsure" threshold fitted on it (mnist_cnn.calibrate)."""
     classes = get_spec(run.config.dataset).classes
-    test_logits = split_logits(run.model, run.data["test"], batch_size=run.config.eval_batch_size)
+    test_logits = split_logits(run.evaluated, run.data["test"], batch_size=run.config.eval_batch_size)
     evaluation = evaluation_from_logits(test_logits, run.data["test"].labels, loss=run.config.loss,
                                         num_classes=len(classes), batch_size=run.config.eval_batch_size)
     calibration = None
     if "val" in run.data:
-        calibration = calibrate(split_logits(run.model, run.data["val"], batch_size=run.config.eval_batch_size),
+        calibration = calibrate(split_logits(run.evaluated, run.data["val"], batch_size=run.config.eval_batch_size),
                                 run.data["val"].labels, test_logits, run.data["test"].labels,
                                 fit=not run.config.outlier_exposure)
         log(format_calibration(calibration))
@@ -512,9 +543,9 @@ def save_final_model(run: Run, *, log: Log = print) -> Path:
         "metrics": run.metrics[-1] if run.metrics else {},
         "evaluation": evaluation_report(evaluation, classes),
         "train_seconds_total": sum(record["seconds"] for record in run.metrics),
-        "parameters": count_parameters(run.model),
+        "parameters": count_parameters(run.evaluated),
         "environment": environment(run.device),
         "checkpoint_format_version": checkpoints.FORMAT_VERSION,
         **({"calibration": calibration} if calibration else {}),
     }
-    return checkpoints.save_model(run.run_dir, run.model, run.config, info)
+    return checkpoints.save_model(run.run_dir, run.evaluated, run.config, info)
