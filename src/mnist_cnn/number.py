@@ -5,14 +5,13 @@ piece is normalised as a single digit is and classified by the same predictor.""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from mnist_cnn.calibrate import DEFAULT_MIN_CONFIDENCE
-from mnist_cnn.preprocess import ImageError, expand_paths, open_image
+from mnist_cnn.preprocess import EMPTY_FOLDER, ImageError, input_files, open_image
 from mnist_cnn.segment import segment
 
 UNSURE_MARK = "?"  # stands in `text` for a piece whose answer is unsure
@@ -67,14 +66,13 @@ def read_number_files(predictor, inputs: list[str], *, min_confidence: float | N
     if min_confidence is None:
         min_confidence = getattr(predictor, "min_confidence", DEFAULT_MIN_CONFIDENCE)
     readings: list[NumberReading] = []
-    for text in inputs:
-        paths = expand_paths([text])
-        if Path(text).is_dir() and not paths:
-            readings.append(NumberReading(path=text, error="no image files in this folder"))
-        for path in paths:
-            try:
-                readings.append(read_image(predictor, open_image(path), min_confidence=min_confidence,
-                                           source=str(path)))
-            except ImageError as error:
-                readings.append(NumberReading(path=str(path), error=str(error).removeprefix(f"{path}: ")))
+    for text, path in input_files(inputs):
+        if path is None:
+            readings.append(NumberReading(path=text, error=EMPTY_FOLDER))
+            continue
+        try:
+            readings.append(read_image(predictor, open_image(path), min_confidence=min_confidence,
+                                       source=str(path)))
+        except ImageError as error:
+            readings.append(NumberReading(path=str(path), error=str(error).removeprefix(f"{path}: ")))
     return readings

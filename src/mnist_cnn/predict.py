@@ -15,7 +15,7 @@ from mnist_cnn.calibrate import (DEFAULT_MIN_CONFIDENCE, model_min_confidence, m
 from mnist_cnn.config import BACKENDS, TrainConfig
 from mnist_cnn.data import scale_array
 from mnist_cnn.idx import IMAGE_SIZE
-from mnist_cnn.preprocess import ImageError, expand_paths, preprocess_file, to_image
+from mnist_cnn.preprocess import EMPTY_FOLDER, ImageError, input_files, preprocess_file, to_image
 from mnist_cnn.checkpoints import read_model_info
 from mnist_cnn.runs import ONNX_FILE, CheckpointError, model_folder
 
@@ -272,18 +272,17 @@ def predict_files(predictor: Predictor, inputs: list[str], *, save_preprocessed:
     results: list[Prediction] = []
     digits: list[np.ndarray] = []
     pending: list[Prediction] = []  # results waiting for the model, in the order of `digits`
-    for text in inputs:
-        paths = expand_paths([text])
-        if Path(text).is_dir() and not paths:
-            results.append(Prediction(path=text, error="no image files in this folder"))
-        for path in paths:
-            try:
-                digits.append(preprocess_file(path))
-            except ImageError as error:
-                results.append(Prediction(path=str(path), error=str(error).removeprefix(f"{path}: ")))
-                continue
-            pending.append(Prediction(path=str(path), classes=predictor.classes, min_confidence=min_confidence))
-            results.append(pending[-1])
+    for text, path in input_files(inputs):
+        if path is None:
+            results.append(Prediction(path=text, error=EMPTY_FOLDER))
+            continue
+        try:
+            digits.append(preprocess_file(path))
+        except ImageError as error:
+            results.append(Prediction(path=str(path), error=str(error).removeprefix(f"{path}: ")))
+            continue
+        pending.append(Prediction(path=str(path), classes=predictor.classes, min_confidence=min_confidence))
+        results.append(pending[-1])
     if save_preprocessed is not None:
         save_digits(Path(save_preprocessed), [Path(p.path) for p in pending], digits)
     if digits:

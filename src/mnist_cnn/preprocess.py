@@ -12,7 +12,7 @@ import io
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -276,6 +276,20 @@ def expand_paths(paths: list[str]) -> list[Path]:
         else:
             expanded.append(path)
     return expanded
+
+
+EMPTY_FOLDER = "no image files in this folder"  # the error of an input folder input_files found empty
+
+
+def input_files(inputs: list[str]) -> Iterator[tuple[str, Path | None]]:
+    """Each input in order with its files, folders expanded as `expand_paths` does:
+    (input, file) pairs, and (input, None) for a folder holding no image file (EMPTY_FOLDER)."""
+    for text in inputs:
+        paths = expand_paths([text])
+        if Path(text).is_dir() and not paths:
+            yield text, None
+        for path in paths:
+            yield text, path
 
 
 def to_image(digit: np.ndarray) -> Image.Image:
