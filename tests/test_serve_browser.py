@@ -200,8 +200,9 @@ class Page:
         ours = urlsplit(self.url).netloc
         return [u for u in self.requests if urlsplit(u).scheme not in ("data", "blob") and urlsplit(u).netloc != ours]
 
-    def draw(self, *strokes: list[tuple[float, float]]) -> None:
-        """Each stroke a list of (x, y) in [0, 1] of the canvas, drawn with the mouse."""
+    def draw(self, *strokes: list[tuple[float, float]], settle: bool = True) -> None:
+        """Each stroke a list of (x, y) in [0, 1] of the canvas, drawn with the mouse; then
+        (`settle`) wait for the page's answer."""
         box = self.page.locator("#canvas").bounding_box()
         mouse = self.page.mouse
         for stroke in strokes:
@@ -211,7 +212,8 @@ class Page:
             for x, y in stroke[1:]:
                 mouse.move(box["x"] + x * box["width"], box["y"] + y * box["height"])
             mouse.up()
-        self.settle()
+        if settle:
+            self.settle()
 
     def settle(self) -> None:
         # (selectors, not script: the page's CSP forbids evaluating strings, as it should)
@@ -280,6 +282,37 @@ def test_draw_digits_and_read_them(page):
 
 
 CROSS = [[(0.25, 0.2), (0.75, 0.8)], [(0.75, 0.2), (0.25, 0.8)]]  # an X: no digit (33 % "8")
+
+
+def test_an_answer_to_an_earlier_stroke_never_lands_as_the_answer(browser, server):
+    # The first image the page sends is answered only when the test says so, after the last
+    # stroke; every later image is rendered late (toBlob is asynchronous: 0.8 s here). That
+    # first answer is then stale: the page must wait for the whole drawing's answer.
+    page = Page(browser, server[0])
+    page.page.add_init_script("""let blobs = 0, answers = 0;
+        const released = new Promise((release) => { window.releaseFirstAnswer = release; });
+        const toBlob = HTMLCanvasElement.prototype.toBlob;
+        HTMLCanvasElement.prototype.toBlob = function (done, ...rest) {
+            const late = ++blobs > 1;
+            toBlob.call(this, (blob) => setTimeout(() => done(blob), late ? 800 : 0), ...rest); };
+        const fetched = window.fetch;
+        window.fetch = async (...args) => {
+            const first = String(args[0]).includes("api/predict") && ++answers === 1;
+            const reply = await fetched(...args);
+            if (first) await released; return reply; };""")
+    page.open()
+    try:
+        page.page.locator('body[data-ready="true"]').wait_for(state="attached", timeout=15_000)
+        page.draw(*SEVEN, settle=False)
+        page.page.evaluate("() => window.releaseFirstAnswer()")
+        page.settle()
+        shown = (page.shown(), page.page.locator("#preview").get_attribute("src"))
+        page.page.wait_for_timeout(1200)  # every request long answered
+        assert (page.shown(), page.page.locator("#preview").get_attribute("src")) == shown
+        assert shown[0] == "7"
+        assert len([u for u in page.requests if "/api/predict" in u]) >= 2
+    finally:
+        page.close()
 
 
 def test_unsure_is_not_shown_as_a_digit(page):

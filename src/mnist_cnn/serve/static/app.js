@@ -192,6 +192,8 @@
     if (state.upload) return send(state.upload, state.upload.name || "pasted image");
     if (!state.strokes.length) return showPrompt(PROMPTS[state.mode]); // a blank canvas is never a prediction
     result.dataset.pending = "true";
+    // toBlob answers later: an answer to the drawing as it was must not land in between.
+    state.request++;
     const page = state.mode === "digit" ? digitPage() : wholePage();
     page.toBlob((blob) => { if (blob) send(blob, null, { width: page.width, height: page.height }); }, "image/png");
   }
