@@ -71,7 +71,7 @@ def test_the_new_presets_are_valid_recipes_for_the_new_model():
 
     best = resolve_train_config("best", {"seed": 2})
     validate_train_config(best)
-    assert (best.model, best.val_size, best.seed, best.preset) == ("bn", 5000, 2, "best")
+    assert (best.model, best.val_size, best.seed, best.preset) == ("bn-wide", 5000, 2, "best")
     assert best.rotate > 0 and best.scale > 0 and best.shift > 0
     fashion = resolve_train_config("best-fashion", {})
     validate_train_config(fashion)
