@@ -29,7 +29,9 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux" or loopback_interface() 
 # two land together (test_two_processes_reach_one_process_accuracy_on_full_mnist); on the
 # 3,000 images of small_data the gap is noise of a few images (README). The runs on
 # small_data below compare weights bit for bit, which needs no accuracy.
-EPOCHS = 3
+# An epoch here takes about 0.25 s: the Ctrl-C and the SIGKILL below must land before the
+# run ends, so it has epochs enough to leave each of them a second or more.
+EPOCHS = 6
 RECIPE = ["--preset", "fast", "--epochs", str(EPOCHS), "--batch-size", "64", "--seed", "0"]
 TIMEOUT = 240  # seconds per command: generous for a loaded 2-core machine
 
